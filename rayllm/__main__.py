@@ -1,0 +1,5 @@
+import sys
+
+from rayllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""`rayllm` command line: one verb per stage, each validating the config before touching Ray.
+
+Only the standard library and pydantic load at import time, so `rayllm --help` and
+`rayllm validate` are instant; each verb imports its stage (ray, torch, ...) when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from rayllm.config import ConfigError, RayllmConfig, load_config
+
+# verb -> (section it needs, one-line help)
+VERBS: dict[str, tuple[str | None, str]] = {
+    "validate": (None, "Check a config file and report every problem at once."),
+    "prepare": ("data", "Clean, dedup, split, train a tokenizer, tokenize and pack a corpus on Ray Data."),
+    "train": ("train", "Pretrain or fine-tune (full, LoRA, QLoRA) on Ray Train + DeepSpeed."),
+    "plan": ("train", "Estimate per-worker memory for the train config and say whether it fits."),
+    "sweep": ("tune", "Sweep learning rates with Ray Tune + ASHA; publish the best adapter."),
+    "registry": (None, "Publish, list, show, promote, roll back and delete adapter versions."),
+    "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
+    "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayllm", description="A language model from raw text to an HTTP endpoint on Ray.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (_, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == "registry":
+            p.add_argument("--config", help="Config file whose `registry` section names the registry root.")
+            _add_registry_verbs(p)
+            continue
+        if verb == "demo":
+            p.add_argument("--workdir", default="runs/demo", help="Where the demo writes its corpus, runs and registry.")
+            p.add_argument("--stages", default=None, help="Comma list of stages to run (default: all that are available).")
+        else:
+            p.add_argument("config", help="YAML config file.")
+        if verb not in ("validate", "plan"):
+            p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
+        if verb == "prepare":
+            p.add_argument("--force", action="store_true", help="Rebuild even when the output is up to date.")
+    return parser
+
+
+def _add_registry_verbs(parser: argparse.ArgumentParser) -> None:
+    try:
+        from rayllm.registry.cli import add_arguments
+    except ImportError:  # registry module not installed in this build
+        return
+    add_arguments(parser)
+
+
+def _require(cfg: RayllmConfig, section: str | None, source: str) -> None:
+    if section and getattr(cfg, section) is None:
+        raise ConfigError(source, [f"{section}: section required for this verb; see README 'Configuration reference'"])
+
+
+def _run_verb(verb: str, cfg: RayllmConfig, args: argparse.Namespace) -> int:
+    """Run a verb's stage; the stage module (and ray, torch, ...) is imported only now."""
+    if verb == "prepare":
+        from rayllm.data.prepare import run
+
+        run(cfg.data, address=args.address, force=args.force)
+        return 0
+    if verb == "train":
+        from rayllm.train.launch import run
+
+        run(cfg, address=args.address)
+        return 0
+    if verb == "plan":
+        from rayllm.train.launch import plan_main
+
+        return plan_main(cfg)
+    if verb == "sweep":
+        from rayllm.tune.sweep import run
+
+        run(cfg, address=args.address)
+        return 0
+    if verb == "serve":
+        from rayllm.serve.app import run
+
+        return run(cfg, address=args.address)
+    raise SystemExit(f"rayllm: unknown verb {verb}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "address", None) is None and os.environ.get("RAY_ADDRESS"):
+        args.address = os.environ["RAY_ADDRESS"]
+    try:
+        if args.verb == "demo":
+            from rayllm.demo import main as demo_main
+
+            return demo_main(args)
+        if args.verb == "registry":
+            from rayllm.registry.cli import run
+
+            cfg = load_config(args.config) if args.config else RayllmConfig()
+            return run(args, cfg.registry)
+        cfg = load_config(args.config)
+        _require(cfg, VERBS[args.verb][0], args.config)
+        if args.verb == "validate":
+            sections = [name for name in RayllmConfig.model_fields if getattr(cfg, name) is not None]
+            print(f"{args.config}: ok (sections: {', '.join(sections)})")
+            return 0
+        try:
+            return _run_verb(args.verb, cfg, args)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("rayllm."):
+                raise
+            print(f"rayllm: `{args.verb}` is not available in this build ({exc.name} is missing)", file=sys.stderr)
+            return 3
+    except ConfigError as exc:
+        print(f"rayllm: invalid config {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""`registry:` — where versioned adapters are published and resolved."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rayllm.config.base import Section
+
+
+class RegistryConfig(Section):
+    path: str = Field("runs/registry", description="Registry root: a local directory or any fsspec URI (s3://bucket/prefix).")
+    cache_dir: str = Field("runs/registry-cache", description="Local folder that versions from a remote root are fetched into (vLLM loads local folders).")

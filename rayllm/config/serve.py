@@ -1,0 +1,57 @@
+"""`serve:` — Ray Serve + vLLM OpenAI-compatible endpoint with LoRA adapters."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rayllm.config.base import Section
+
+# The registry's name rules (rayllm/registry/names.py): one safe path component, lowercase.
+_ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ServeConfig(Section):
+    model: str = Field(..., description="Local HF model folder of the base model.")
+    served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the base model in the API's `model` field.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; auto: bf16 where the CPU/GPU supports it, else fp32 (bf16 on a CPU without it is an error).")
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion in tokens; longer prompts get a 400.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences in one engine batch (vLLM max_num_seqs); empty: vLLM's default.")
+    max_loras: int = Field(4, ge=1, description="Adapters active in one batch (vLLM max_loras).")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters kept loaded per replica; beyond this the least recently used idle one is evicted.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted; a higher-rank adapter is refused with a 400.")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes).")
+    enforce_eager: bool = Field(True, description="Skip graph compilation (about 1 min instead of 3.5 min engine start on CPU).")
+    seed: int = Field(0, description="Engine seed (requests may also pass their own `seed`).")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each).")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one LLM replica accepts at once before Serve queues or routes elsewhere.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    direct_ingress: bool = Field(True, description="Set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 when `rayllm serve` starts Ray: replicas serve HTTP themselves (near-zero proxy overhead).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Plain PEFT adapters served by name: {name: local folder or s3:// URL}.")
+    preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start: names from `adapters`, or registry refs (name, name@vN, name:alias).")
+    registry_refresh_s: float = Field(1.0, ge=0, description="How long registry aliases and newest versions are cached; a promote is served within this many seconds.")
+    drain_timeout_s: float = Field(120.0, gt=0, description="Longest wait for in-flight requests of an adapter before it is replaced anyway.")
+    stage_dir: str | None = Field(None, description="Local folder for fetched/downloaded adapters and load links; empty: a temp folder per replica.")
+    api_keys: list[str] = Field(default_factory=list, description="Keys accepted for /v1/* (also RAYLLM_API_KEYS, comma separated); empty: open.")
+    admin_key: str | None = Field(None, description="Key for /v1/load_lora_adapter and /v1/unload_lora_adapter (also RAYLLM_ADMIN_KEY); empty: those routes are off.")
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    route_prefix: str = Field("/", pattern=r"^/", description="URL prefix the application is served under.")
+    app_name: str = Field("rayllm", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Ray Serve application name.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in v if not _ADAPTER_NAME.match(n) or ".." in n]
+        if bad:
+            raise ValueError(f"adapter names {bad} are invalid: use lowercase letters, digits, '.', '_', '-' (no '..', no '/')")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ServeConfig":
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self

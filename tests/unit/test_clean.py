@@ -1,0 +1,62 @@
+from rayllm.config.data import DataConfig
+from rayllm.data.clean import clean_pretrain, clean_sft, clean_text, content_hash, parse_json_line, split_of, split_paragraphs
+
+
+def cfg(**kw):
+    return DataConfig(inputs=["x"], output_dir="o", **kw)
+
+
+def test_clean_text_normalises_controls_and_whitespace():
+    raw = "\ufeffＨｅｌｌｏ\u200b  \t world\r\n\r\n\r\n\r\nnext\x00 line \x07 "
+    assert clean_text(raw) == "Hello world\n\nnext line"
+    assert clean_text("Ｈｅｌｌｏ", normalize="none") == "Ｈｅｌｌｏ"
+    assert clean_text("ﬁ", normalize="NFC") == "ﬁ" and clean_text("ﬁ", normalize="NFKC") == "fi"
+
+
+def test_pretrain_rejects_by_reason():
+    c = cfg(min_chars=5, max_chars=20, text_fields=["title", "body"])
+    assert clean_pretrain({"title": "A title", "body": "and body"}, c).content == "A title\n\nand body"
+    assert clean_pretrain({"other": "x"}, c).reject == "missing_field"
+    assert clean_pretrain({"title": 3}, c).reject == "wrong_type"
+    assert clean_pretrain({"title": " \x00 \u200b "}, c).reject == "empty"
+    assert clean_pretrain({"title": "abc"}, c).reject == "too_short"
+    assert clean_pretrain({"title": "x" * 21}, c).reject == "too_long"
+    assert clean_pretrain([1, 2], c).reject == "invalid_json"
+    assert clean_pretrain("plain text document", c).content == "plain text document"
+
+
+def test_sft_accepts_messages_and_pairs_and_rejects_bad_conversations():
+    c = cfg(mode="sft", system_prompt="Be brief.")
+    msgs = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "hello"}]
+    assert '"content": "hi"' in clean_sft({"messages": msgs}, c).content
+    pair = clean_sft({"prompt": "q", "response": "a"}, c)
+    assert '"Be brief."' in pair.content and '"assistant"' in pair.content
+    assert clean_sft({"messages": [{"role": "user", "content": "only a question"}]}, c).reject == "bad_messages"
+    assert clean_sft({"messages": [{"role": "robot", "content": "x"}]}, c).reject == "bad_messages"
+    assert clean_sft({"messages": "not json"}, c).reject == "wrong_type"
+    assert clean_sft({"prompt": 1, "response": "a"}, c).reject == "wrong_type"
+    assert clean_sft({"text": "x"}, c).reject == "missing_field"
+
+
+def test_hash_identifies_exact_duplicates_after_cleaning():
+    a = clean_pretrain("Hello   world", cfg()).content
+    b = clean_pretrain("Hello world\n", cfg()).content
+    assert content_hash(a) == content_hash(b)
+    assert content_hash(a) != content_hash("Hello world!")
+
+
+def test_split_is_deterministic_and_close_to_the_fraction():
+    digests = [content_hash(f"doc {i}") for i in range(20000)]
+    first = [split_of(d, 0.1, "s") for d in digests]
+    assert first == [split_of(d, 0.1, "s") for d in digests]
+    share = first.count("val") / len(first)
+    assert 0.09 < share < 0.11
+    assert [split_of(d, 0.1, "other") for d in digests] != first  # the salt draws another split
+    assert all(split_of(d, 0.0, "s") == "train" for d in digests[:100])
+
+
+def test_json_lines_and_paragraphs():
+    assert parse_json_line('{"a": 1}') == ({"a": 1}, "")
+    record, problem = parse_json_line("{broken")
+    assert record is None and "invalid JSON" in problem
+    assert split_paragraphs("one\nstill one\n\n  \ntwo\r\n\r\nthree") == ["one\nstill one", "two", "three"]
