@@ -8,10 +8,11 @@ from typing import Iterator
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
     """`address` (or RAY_ADDRESS) joins that cluster; otherwise a private local Ray is started
     and shut down at the end. "local" is explicit so a cluster started earlier on this machine
-    with `ray start` is not joined by accident."""
+    with `ray start` is not joined by accident. Sweeps ask for the dashboard: without it, trials
+    stopped early by ASHA leave their placement groups behind."""
     import ray
 
     if ray.is_initialized():
@@ -21,7 +22,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
     try:
         yield
     finally:

@@ -1,0 +1,64 @@
+"""The search space of a sweep and the per-trial config it produces: pure, unit-tested."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rayllm.config.tune import TuneConfig
+
+
+def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
+    """Ray Tune's param_space: lr (log-uniform or grid), optional warmup and LoRA-rank grids."""
+    from ray import tune
+
+    lr = tune_cfg.learning_rate
+    space: dict[str, Any] = {
+        "learning_rate": tune.grid_search(list(lr.values)) if lr.type == "grid" else tune.loguniform(lr.low, lr.high)
+    }
+    if tune_cfg.warmup_steps:
+        space["warmup_steps"] = tune.grid_search(list(tune_cfg.warmup_steps))
+    if tune_cfg.lora_rank:
+        space["lora_rank"] = tune.grid_search(list(tune_cfg.lora_rank))
+    return space
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str, trials_dir: str, group: str) -> dict[str, Any]:
+    """The full rayllm config (as plain data) of one trial: the base config with the trial's values,
+    its own run folder, and the sweep's W&B group."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    train = dict(cfg["train"])
+    train.update(
+        learning_rate=float(params["learning_rate"]),
+        output_dir=trials_dir,
+        run_name=trial_name,
+        wandb_group=group,
+    )
+    if "warmup_steps" in params:
+        train["warmup_steps"] = int(params["warmup_steps"])
+    cfg["train"] = train
+    if "lora_rank" in params:
+        model = dict(cfg["model"])
+        lora = dict(model.get("lora") or {})
+        lora["rank"] = int(params["lora_rank"])
+        model["lora"] = lora
+        cfg["model"] = model
+    return cfg
+
+
+def check_sweep(cfg) -> list[str]:
+    """Problems that make a sweep config unusable, found before Ray starts."""
+    problems = []
+    if cfg.train is None:
+        problems.append("train: a sweep runs the trainer; add a train section")
+    if cfg.model is None:
+        problems.append("model: a sweep runs the trainer; add a model section")
+    t = cfg.tune
+    if t.lora_rank and (cfg.model is None or cfg.model.lora is None):
+        problems.append("tune.lora_rank: sweeping LoRA ranks needs model.lora")
+    if t.publish_as and (cfg.model is None or cfg.model.lora is None):
+        problems.append("tune.publish_as: only LoRA adapters are published to the registry; add model.lora or drop publish_as")
+    if t.promote_alias and not t.publish_as:
+        problems.append("tune.promote_alias: needs tune.publish_as (the name the best adapter is published under)")
+    if cfg.train is not None and t.grace_period > cfg.train.max_steps:
+        problems.append(f"tune.grace_period ({t.grace_period}) exceeds train.max_steps ({cfg.train.max_steps}); no trial could be stopped early")
+    return problems

@@ -1,0 +1,62 @@
+import csv
+
+import pytest
+
+from rayllm.config import parse_config
+from rayllm.tune.report import TrialRow, best_trial, table, write_csv
+from rayllm.tune.space import check_sweep, trial_config
+
+BASE = {
+    "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "lora": {"rank": 4}},
+    "train": {"dataset": "d", "max_steps": 20},
+    "tune": {"learning_rate": {"type": "grid", "values": [1e-4, 1e-3]}, "grace_period": 5, "lora_rank": [4, 8]},
+}
+
+
+def test_trial_config_sets_the_trial_values_and_its_own_run_folder():
+    cfg = trial_config(BASE, {"learning_rate": 3e-4, "lora_rank": 8, "warmup_steps": 2}, "abc_00001", "/sweeps/s/trials", "s")
+    parsed = parse_config(cfg)
+    assert parsed.train.learning_rate == 3e-4 and parsed.train.warmup_steps == 2
+    assert parsed.model.lora.rank == 8 and parsed.model.lora.alpha == 16.0  # other LoRA keys kept
+    assert parsed.train.run_name == "abc_00001" and parsed.train.output_dir == "/sweeps/s/trials"
+    assert parsed.train.wandb_group == "s"
+    assert BASE["train"]["max_steps"] == 20 and "run_name" not in BASE["train"]  # the base is not mutated
+
+
+def test_check_sweep_finds_unusable_combinations():
+    bad = parse_config({**BASE, "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2},
+                        "tune": {**BASE["tune"], "grace_period": 50, "publish_as": "support", "promote_alias": None}})
+    problems = check_sweep(bad)
+    assert any(p.startswith("tune.lora_rank") for p in problems)
+    assert any(p.startswith("tune.publish_as") for p in problems)
+    assert any("grace_period (50) exceeds train.max_steps (20)" in p for p in problems)
+    assert check_sweep(parse_config(BASE)) == []
+    alias_only = parse_config({**BASE, "tune": {**BASE["tune"], "promote_alias": "prod"}})
+    assert any(p.startswith("tune.promote_alias") for p in check_sweep(alias_only))
+
+
+def test_grid_space_requires_values():
+    from rayllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="grid needs values"):
+        parse_config({"tune": {"learning_rate": {"type": "grid", "values": []}}})
+    with pytest.raises(ConfigError, match="loguniform needs low < high"):
+        parse_config({"tune": {"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-4}}})
+
+
+def row(name, lr, best, status="finished", steps=20):
+    return TrialRow(name, lr, None, None, best, best, 2.0, steps, steps * 100, 1.0, steps < 20, status,
+                    curve=[(10, best + 0.5), (20, best)] if best is not None else [])
+
+
+def test_best_trial_is_the_lowest_val_loss_among_finished(tmp_path):
+    rows = [row("a", 1e-4, 3.0), row("b", 1e-3, 2.0), row("c", 1e-2, 1.0, status="stopped", steps=10), row("d", 3e-3, None)]
+    best = best_trial(rows)
+    assert best.trial == "b"
+    text = table(rows, best)
+    assert "b *" in text and "best: b" in text
+    write_csv(rows, tmp_path / "r.csv")
+    read = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [r["trial"] for r in read] == ["a", "b", "c", "d"]
+    assert read[2]["stopped_early"] == "True" and read[1]["stopped_early"] == "False"
+    assert best_trial([row("x", 1e-3, 1.0, status="stopped", steps=5)]) is None
