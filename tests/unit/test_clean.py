@@ -60,3 +60,13 @@ def test_json_lines_and_paragraphs():
     record, problem = parse_json_line("{broken")
     assert record is None and "invalid JSON" in problem
     assert split_paragraphs("one\nstill one\n\n  \ntwo\r\n\r\nthree") == ["one\nstill one", "two", "three"]
+
+
+def test_drop_duplicates_keeps_one_copy_per_hash_in_order():
+    import numpy as np
+
+    from rayllm.data.prepare import _drop_duplicates
+
+    block = {"hash": np.array(["b", "a", "b", "c", "a"], dtype=object), "content": np.array(["1", "2", "3", "4", "5"], dtype=object)}
+    out = _drop_duplicates(block)
+    assert out["hash"].tolist() == ["b", "a", "c"] and out["content"].tolist() == ["1", "2", "4"]
