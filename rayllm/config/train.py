@@ -45,7 +45,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 1/3 more compute.")
     document_masking: bool = Field(True, description="Packed sequences: restart positions and mask attention at each document start (from doc_ids).")
     memory_per_worker_gib: float | None = Field(None, gt=0, description="Memory the plan may use per worker; empty: GPU memory, or on CPU the free RAM / num_workers.")
-    eval_every: int = Field(50, ge=1, description="Validation loss/perplexity every N steps and at the end (TrainingArguments: eval_steps).")
+    eval_every: int = Field(50, ge=1, description="Validation loss/perplexity every N steps, at every checkpoint and at the end (TrainingArguments: eval_steps).")
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker per evaluation (fewer if the val split is smaller).")
     save_every: int = Field(50, ge=1, description="Checkpoint every N steps and at the end (TrainingArguments: save_steps).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (TrainingArguments: save_total_limit).")
@@ -65,11 +65,14 @@ class TrainConfig(Section):
             problems.append(f"offload_param={self.offload_param} needs zero_stage 3 (got {self.zero_stage}); set zero_stage: 3 or offload_param: none")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             problems.append("offload_optimizer needs zero_stage >= 1; set zero_stage: 1, 2 or 3, or offload_optimizer: none")
-        if "nvme" in (self.offload_optimizer, self.offload_param):
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(self, key) != "nvme":
+                continue
             if not self.use_gpu:
-                problems.append("nvme offload needs use_gpu: true (DeepSpeed's NVMe path swaps GPU memory through async I/O); on CPU use offload: none or cpu")
+                problems.append(f"{key}: nvme needs use_gpu: true (DeepSpeed's NVMe offload swaps GPU memory through async I/O); "
+                                f"on CPU set {key}: cpu or none")
             elif not self.nvme_path:
-                problems.append("nvme offload needs nvme_path (a local NVMe folder)")
+                problems.append(f"{key}: nvme needs nvme_path (a local NVMe folder)")
         if self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
         if self.stop_at_step is not None and self.stop_at_step > self.max_steps:

@@ -1,0 +1,76 @@
+"""The Ray Train `TorchTrainer` of a run, built one way for `rayllm train` and for sweep trials."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from rayllm.config import ConfigError, config_hash
+from rayllm.train.preflight import Preflight, capacity_text, describe, gib, preflight
+from rayllm.train.spike import INJECT_ENV, injected_steps
+
+TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "rayllm" / "torch_extensions")
+
+
+def prepare_run(cfg, address: str | None = None, dry: bool = False) -> tuple[Preflight, Path]:
+    """Preflight (config rules, dataset, base model, memory plan) before any Ray resource; then the
+    run folder with the resolved config. Returns (preflight, run_dir)."""
+    pre = preflight(cfg, address)
+    if not pre.fits:
+        need = gib(pre.plan.per_worker(pre.settings.use_gpu))
+        raise ConfigError("config", [f"train: the plan needs {need} per worker, more than there is ({capacity_text(pre)}); "
+                                     f"{describe(pre, cfg).splitlines()[-1]}; `rayllm plan` shows the breakdown"])
+    run_dir = Path(cfg.train.output_dir).expanduser().resolve() / cfg.train.run_name
+    if not dry:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    return pre, run_dir
+
+
+def loop_config(cfg, pre: Preflight, run_dir: Path) -> dict:
+    """What every worker receives: validated sections as plain data, paths, derived numbers."""
+    from rayllm.model import base_fingerprint
+
+    t = cfg.train
+    dataset = Path(t.dataset).resolve()
+    wandb = None
+    if "wandb" in t.report_to and t.wandb_mode != "disabled":
+        wandb = {"project": t.wandb_project, "group": t.wandb_group, "name": t.run_name, "mode": t.wandb_mode,
+                 "config": cfg.model_dump(mode="json", include={"model", "train"})}
+    return {
+        "train": t.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+        "dataset": str(dataset), "tokenizer_dir": str(dataset / pre.manifest.get("tokenizer", "tokenizer")),
+        "base_dir": pre.base_dir, "base_fingerprint": base_fingerprint(pre.base_dir) if pre.base_dir else None,
+        "run_dir": str(run_dir), "batching": asdict(pre.batching), "eval_micro_batches": pre.eval_micro_batches,
+        "planned_trainable_params": pre.shape.trainable_params,
+        "config_hash": config_hash(cfg), "cpu_capability": pre.cpu_capability, "torch_extensions_dir": TORCH_EXTENSIONS_DIR,
+        "wandb": wandb, "inject_spike_at": sorted(injected_steps(os.environ.get(INJECT_ENV))),
+    }
+
+
+def build_trainer(cfg, pre: Preflight, run_dir: Path, callbacks: Sequence[Any] = ()):
+    """Workers, resources, checkpoint retention and failure restarts from the train section. The
+    run's name and storage path are its folder, so building it again resumes it (Ray Train V2)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayllm.train.loop import train_func
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config(cfg, pre, run_dir),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks),
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+    )
