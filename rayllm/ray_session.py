@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from typing import Iterator
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
-    """`address` (or RAY_ADDRESS) joins that cluster; otherwise a private local Ray is started
-    and shut down at the end. "local" is explicit so a cluster started earlier on this machine
-    with `ray start` is not joined by accident. Sweeps ask for the dashboard: without it, trials
-    stopped early by ASHA leave their placement groups behind."""
+def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> Iterator[None]:
+    """`address` (or RAY_ADDRESS) joins that cluster; otherwise a private local Ray is started and
+    shut down at the end. "local" is explicit so a cluster started earlier on this machine with
+    `ray start` is not joined by accident.
+
+    The local Ray gets its dashboard on a free port, and RAY_API_SERVER_ADDRESS points at it:
+    Ray Train V2's placement-group cleaner asks the state API whether a run's controller lives,
+    and without an address it may ask another Ray on the same machine, hear "dead" and remove a
+    live run's placement group. Sweeps need the dashboard too: without it, trials stopped early
+    by ASHA leave their placement groups behind."""
     import ray
 
     if ray.is_initialized():
@@ -21,9 +33,24 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    kwargs: dict = {"include_dashboard": False}
+    if dashboard:
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+        if dashboard:
+            if saved is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = saved
