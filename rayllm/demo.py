@@ -53,7 +53,92 @@ def stage_prepare(workdir: Path, address: str | None) -> None:
     run(load_config(sft).data, address=address)
 
 
-STAGES: dict[str, Callable[[Path, str | None], None]] = {"prepare": stage_prepare}
+def _train_section(workdir: Path, dataset: str, run_name: str, steps: int, lr: float) -> dict:
+    return {
+        "dataset": str(workdir / "data" / dataset), "output_dir": str(workdir / "train"), "run_name": run_name,
+        "num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": 4,
+        "max_steps": steps, "learning_rate": lr, "warmup_steps": max(1, steps // 10),
+        "eval_every": max(1, steps // 4), "save_every": max(1, steps // 2), "logging_steps": max(1, steps // 10),
+        "eval_batches": 4, "report_to": ["jsonl"],
+    }
+
+
+TINY_MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 256}
+LORA = {"rank": 8, "alpha": 32}
+
+
+def stage_pretrain(workdir: Path, address: str | None) -> None:
+    from rayllm.config import load_config
+    from rayllm.train.launch import run
+
+    path = _write_config(workdir, "pretrain", {"model": TINY_MODEL, "train": _train_section(workdir, "pretrain", "pretrain", 60, 2e-3)})
+    result = run(load_config(path), address=address)
+    print(f"pretrained model: {result.get('model_dir')}  (val loss {result.get('val_loss')})")
+
+
+def _base_model(workdir: Path) -> str:
+    return str(workdir / "train" / "pretrain" / "model")
+
+
+def stage_finetune(workdir: Path, address: str | None) -> None:
+    from rayllm.config import load_config
+    from rayllm.train.launch import run
+
+    path = _write_config(workdir, "finetune", {
+        "model": {"path": _base_model(workdir), "lora": LORA},
+        "train": _train_section(workdir, "sft", "finetune", 30, 2e-3),
+    })
+    result = run(load_config(path), address=address)
+    print(f"LoRA adapter: {result.get('adapter_dir')}  (val loss {result.get('val_loss')})")
+
+
+def stage_sweep(workdir: Path, address: str | None) -> None:
+    from rayllm.config import load_config
+    from rayllm.tune.sweep import run
+
+    path = _write_config(workdir, "sweep", {
+        "model": {"path": _base_model(workdir), "lora": LORA},
+        "train": _train_section(workdir, "sft", "sweep", 24, 1e-3),
+        "tune": {"learning_rate": {"type": "grid", "values": [3e-4, 2e-3, 1e-2]}, "grace_period": 6, "reduction_factor": 2,
+                 "max_concurrent_trials": 1, "output_dir": str(workdir / "sweeps"), "name": "lr",
+                 "publish_as": "botchan", "promote_alias": "prod"},
+        "registry": {"path": str(workdir / "registry")},
+    })
+    run(load_config(path), address=address)
+
+
+def stage_serve(workdir: Path, address: str | None) -> None:
+    """Serve the base and the promoted adapter, answer one request with each, shut down."""
+    from rayllm.config import load_config
+    from rayllm.serve.deploy import deploy, undeploy
+
+    path = _write_config(workdir, "serve", {
+        "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
+                  "preload_adapters": ["botchan:prod"], "port": 8000},
+        "registry": {"path": str(workdir / "registry")},
+    })
+    cfg = load_config(path)
+    url = deploy(cfg)
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url, api_key="unused")
+        print("models:", [m.id for m in client.models.list().data])
+        question = [{"role": "user", "content": "Continue the story: I went to the school"}]
+        for model in ("base", "botchan:prod"):
+            reply = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
+            print(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r}")
+    finally:
+        undeploy(cfg)
+
+
+STAGES: dict[str, Callable[[Path, str | None], None]] = {
+    "prepare": stage_prepare,
+    "pretrain": stage_pretrain,
+    "finetune": stage_finetune,
+    "sweep": stage_sweep,
+    "serve": stage_serve,
+}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from rayllm.ray_session import ray_session
 
-    with ray_session(args.address):
+    with ray_session(args.address, dashboard=True):
         for name in names:
             started = time.time()
             print(f"\n=== demo stage: {name} ===", flush=True)

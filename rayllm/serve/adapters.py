@@ -1,0 +1,166 @@
+"""What a request's `model` means: the base, a plain adapter folder, or a registry version.
+
+    "base"        the base model (serve.served_model_name)
+    "support"     a folder from serve.adapters / the load route, else the newest registry version
+    "support@v3"  that registry version (immutable)
+    "support:prod" the registry alias, resolved per request with its weights (a canary split)
+
+Registry versions are served (and named in responses) as `name@vN`, so a client always sees the
+exact version that answered. Aliases and "newest" are re-read at most every
+`serve.registry_refresh_s`, so `rayllm registry promote/rollback` reaches a running endpoint with
+no restart. Names follow the registry's rules (no '/', no '..'), so none can reach a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from rayllm.registry.names import InvalidNameError, parse_ref, validate_name
+from rayllm.serve.errors import ServeError
+from rayllm.serve.protocol import AdapterSpec
+
+
+class _TTLCache:
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._items: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        hit = self._items.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: Any, value: Any, ttl_s: float | None = None) -> Any:
+        self._items[key] = (time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s), value)
+        return value
+
+
+def check_adapter_name(name: Any) -> str:
+    """A name for the load route / config: the registry's rules, reported as a 400."""
+    try:
+        return validate_name(name, "lora_name")
+    except InvalidNameError as e:
+        raise ServeError(400, str(e), "lora_name") from None
+
+
+class AdapterCatalog:
+    """Turns `model` strings into AdapterSpecs; holds the folder adapters and a view of the registry."""
+
+    def __init__(self, base_name: str, folders: dict[str, str] | None = None, registry_root: str | None = None,
+                 refresh_s: float = 1.0, rng: random.Random | None = None):
+        self.base_name = base_name
+        self.folders: dict[str, AdapterSpec] = {
+            check_adapter_name(n): AdapterSpec(n, src, generation=0) for n, src in (folders or {}).items()
+        }
+        self.registry_root = registry_root
+        self._registry: Any = None
+        self._rng = rng or random.Random()
+        self._cache = _TTLCache(refresh_s)
+        self._versions: dict[str, AdapterSpec] = {}  # "name@vN" -> spec; versions are immutable
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None and self.registry_root:
+            from rayllm.registry.store import Registry
+
+            self._registry = Registry(self.registry_root)
+        return self._registry
+
+    async def resolve(self, model: str | None) -> AdapterSpec | None:
+        """None for the base model; raises 404 for an unknown model, 400 for an invalid name."""
+        if model is None or model == self.base_name:
+            return None
+        if not isinstance(model, str):
+            raise ServeError(400, "model must be a string", "model")
+        try:
+            ref = parse_ref(model)
+        except InvalidNameError as e:
+            if any(bad in model for bad in ("/", "\\", "..")):  # looks like a path: say why it can never work
+                raise ServeError(400, f"invalid model name {model[:80]!r}: {e}", "model") from None
+            raise self._not_found(model) from None
+        if ref.version is None and ref.alias is None and ref.name in self.folders:
+            return self.folders[ref.name]
+        if self.registry is None:
+            raise self._not_found(model)
+        if ref.version is not None:
+            return await self._version(ref.name, ref.version, model)
+        if ref.alias is not None:
+            alias = self._cache.get(("alias", model))
+            if alias is None:
+                alias = self._cache.put(("alias", model), await asyncio.to_thread(self._get_alias, model))
+            if alias is False:
+                raise self._not_found(model)
+            from rayllm.registry.resolve import pick
+
+            return await self._version(ref.name, pick(alias.targets, self._rng), model)
+        newest = self._cache.get(("newest", ref.name))
+        if newest is None:
+            versions = await asyncio.to_thread(self.registry.versions, ref.name)
+            newest = self._cache.put(("newest", ref.name), versions[-1] if versions else 0)
+        if not newest:
+            raise self._not_found(model)
+        return await self._version(ref.name, newest, model)
+
+    def _get_alias(self, model: str) -> Any:
+        return self.registry.get_alias(model) or False
+
+    async def _version(self, name: str, version: int, asked: str) -> AdapterSpec:
+        ref = f"{name}@v{version}"
+        spec = self._versions.get(ref)
+        if spec is None:
+            from rayllm.registry.names import RegistryError
+
+            try:
+                resolved = await asyncio.to_thread(self.registry.resolve, ref, None, False)
+            except RegistryError:
+                raise self._not_found(asked) from None
+            spec = self._versions[ref] = AdapterSpec(ref, resolved.path, registry_root=self.registry_root)
+        return spec
+
+    def _not_found(self, model: str) -> ServeError:
+        return ServeError(404, f"The model `{model}` does not exist.", "model", "NotFoundError")
+
+    # -- the load / unload routes ----------------------------------------------------------
+    def add_folder(self, name: str, source: str, replace: bool) -> AdapterSpec:
+        name = check_adapter_name(name)
+        if name == self.base_name:
+            raise ServeError(400, f"lora_name '{name}' is the base model's name", "lora_name")
+        if name in self.folders and not replace:
+            raise ServeError(400, f"adapter '{name}' is already loaded; set load_inplace: true to replace it", "lora_name")
+        # A generation that only grows (also across ingress restarts) marks the newer weights.
+        return AdapterSpec(name, source, generation=time.time_ns())
+
+    def commit_folder(self, spec: AdapterSpec) -> None:
+        self.folders[spec.name] = spec
+
+    def remove_folder(self, name: str) -> AdapterSpec | None:
+        return self.folders.pop(name, None)
+
+    # -- /v1/models -----------------------------------------------------------------------------
+    async def model_cards(self) -> list[dict[str, Any]]:
+        cards: list[dict[str, Any]] = [{"id": self.base_name, "object": "model", "owned_by": "rayllm", "root": self.base_name}]
+        for name, spec in sorted(self.folders.items()):
+            cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name, "root": spec.source})
+        if self.registry is not None:
+            listed = self._cache.get("list")
+            if listed is None:
+                listed = self._cache.put("list", await asyncio.to_thread(self.registry.list))
+            by_name: dict[str, list] = {}
+            for resolved, aliases in listed:
+                by_name.setdefault(resolved.name, []).append((resolved, aliases))
+            for name, rows in by_name.items():  # per name: newest, each version, each alias
+                if name not in self.folders:
+                    cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
+                                  "adapter": name, "version": f"v{rows[-1][0].version}"})
+                aliases = {a.ref: a for _, row_aliases in rows for a in row_aliases}
+                for resolved, _ in rows:
+                    cards.append({"id": resolved.ref, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
+                                  "root": resolved.path, "adapter": name, "version": f"v{resolved.version}"})
+                for ref, a in sorted(aliases.items()):
+                    cards.append({"id": ref, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
+                                  "adapter": name, "targets": {f"{name}@v{v}": share for v, share in a.shares().items()}})
+        return cards

@@ -1,0 +1,249 @@
+"""The Ray Serve application: an HTTP ingress and an LLM deployment (one vLLM engine per replica).
+
+    topology split (default):
+    OpenAIIngress (FastAPI: auth, parsing, `model` resolution, metrics)
+        └── handle.options(multiplexed_model_id="name@vN") ──▶ LLMServer (vLLM + adapter residency)
+
+    topology single: LLMServer serves the same routes itself (one replica, one hop less)
+
+Requests for an adapter carry its exact version as the multiplexed model id, so Serve prefers a
+replica that already has it loaded. Entry points:
+
+    rayllm serve CONFIG                        → run(cfg): starts Ray and Serve, deploys, blocks
+    python jobs/deploy.py CONFIG               → deploy.deploy(cfg) on the connected Ray, returns the URL
+    serve run serve_configs/local.yaml         → build_app(args) with args {config: path} or
+                                                 inline {serve: {...}, registry: {...}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from rayllm.config import RayllmConfig, ServeConfig, load_config, parse_config
+from rayllm.serve.protocol import AdapterSpec, Kind
+from rayllm.serve.server import LocalBackend
+
+logger = logging.getLogger(__name__)
+
+
+def _registry_root(path: str | None) -> str | None:
+    """The registry serving reads, or None when there is none yet (serving never creates one)."""
+    if not path:
+        return None
+    if "://" in path:
+        return path
+    if not Path(path).is_dir():
+        logger.warning("rayllm serve: registry %s does not exist (yet); serving folder adapters only", Path(path).resolve())
+        return None
+    return str(Path(path).resolve())
+
+
+def _absolute(cfg: ServeConfig) -> ServeConfig:
+    """Local paths resolved where the config was read (replicas may run in another working directory),
+    and the base model made a plain HF folder (a .gguf file or `smollm2` is converted once, cached)."""
+    from rayllm.model import resolve_base
+
+    def fix(p: str) -> str:
+        return p if "://" in p or not Path(p).exists() else str(Path(p).resolve())
+
+    return cfg.model_copy(update={"model": str(resolve_base(cfg.model)),
+                                  "adapters": {n: fix(p) for n, p in cfg.adapters.items()}})
+
+
+class _LLMServer:
+    """One vLLM engine and the adapters it holds (the LLM deployment's replica)."""
+
+    async def __init__(self, serve_cfg: dict, registry_root: str | None):
+        from rayllm.serve.adapters import AdapterCatalog
+        from rayllm.serve.compat import base_fingerprint
+        from rayllm.serve.residency import AdapterManager
+        from rayllm.serve.server import LLMServerCore
+        from rayllm.serve.vllm_engine import VLLMEngine
+
+        self.cfg = cfg = ServeConfig.model_validate(serve_cfg)
+        engine = VLLMEngine(cfg)
+        await engine.start()
+        stage = cfg.stage_dir or tempfile.mkdtemp(prefix="rayllm-adapters-")
+        adapters = AdapterManager(engine, slots=cfg.max_cpu_loras, max_rank=cfg.max_lora_rank,
+                                  base_fingerprint=base_fingerprint(cfg.model), stage_dir=stage,
+                                  drain_timeout_s=cfg.drain_timeout_s)
+        self.core = LLMServerCore(engine, adapters)
+
+        async def routing_token(model_id: str) -> str:
+            return model_id  # residency is AdapterManager's; this only tells Serve's router what is loaded
+
+        self._affinity = serve.multiplexed(max_num_models_per_replica=cfg.max_cpu_loras)(routing_token)
+        self.catalog = AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s)
+        for ref in cfg.preload_adapters:
+            spec = await self.catalog.resolve(ref)
+            if spec is not None:
+                await adapters.load(spec)
+
+    async def generate(self, kind: Kind, request: Any, spec: AdapterSpec | None):
+        if spec is not None:
+            await self._affinity(spec.name)
+        async for item in self.core.generate(kind, request, spec):
+            yield item
+
+    async def load(self, spec: AdapterSpec) -> None:
+        await self._affinity(spec.name)
+        await self.core.adapters.load(spec)
+
+    async def unload(self, name: str) -> None:
+        await self.core.adapters.unload(name)
+
+    async def health(self) -> None:
+        await self.core.engine.check_health()
+
+    async def check_health(self) -> None:  # Serve's replica health check
+        await self.core.engine.check_health()
+
+    async def __del__(self):
+        await self.core.engine.shutdown()
+
+
+class _LLMServerWithRoutes(_LLMServer):
+    """topology `single`: the LLM replica serves the HTTP routes itself (no ingress hop)."""
+
+    async def __init__(self, serve_cfg: dict, registry_root: str | None):
+        await _LLMServer.__init__(self, serve_cfg, registry_root)
+        self.front = _frontend(self.cfg, self.catalog, LocalBackend(self.core))
+
+    def __serve_build_asgi_app__(self):
+        from rayllm.serve.openai_routes import build_app as build_routes
+
+        return build_routes(self.front)
+
+
+def _frontend(cfg: ServeConfig, catalog: Any, backend: Any) -> Any:
+    from rayllm.serve.auth import Keys
+    from rayllm.serve.metrics import ServeMetrics
+    from rayllm.serve.openai_routes import Frontend
+
+    return Frontend(catalog=catalog, backend=backend, keys=Keys.from_config(cfg.api_keys, cfg.admin_key),
+                    metrics=ServeMetrics(mirror_to_ray=True))
+
+
+LLMServer = serve.deployment(name="LLMServer")(_LLMServer)
+LLMServerWithRoutes = serve.deployment(name="LLMServer")(serve.ingress()(_LLMServerWithRoutes))
+
+
+class HandleBackend:
+    """`protocol.Backend` over the LLMServer handle (errors come back as items, not exceptions)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def generate(self, kind: Kind, request: Any, spec: AdapterSpec | None):
+        handle = self.handle.options(stream=True, multiplexed_model_id=spec.name if spec else "")
+        return handle.generate.remote(kind, request, spec)
+
+    async def load(self, spec: AdapterSpec) -> None:
+        await self._unwrap(self.handle.options(multiplexed_model_id=spec.name).load.remote(spec))
+
+    async def unload(self, name: str) -> None:
+        # One replica per call: with several LLM replicas the others drop it by LRU (documented limit).
+        await self._unwrap(self.handle.unload.remote(name))
+
+    async def check_health(self) -> None:
+        await self._unwrap(self.handle.health.remote())
+
+    @staticmethod
+    async def _unwrap(response: Any) -> Any:
+        from ray.exceptions import RayTaskError
+
+        from rayllm.serve.errors import ServeError
+
+        try:
+            return await response
+        except RayTaskError as e:  # a ServeError raised in the replica keeps its status
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ServeError):
+                raise cause from None
+            raise
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, llm: Any, serve_cfg: dict, registry_root: str | None):
+        from rayllm.serve.adapters import AdapterCatalog
+
+        cfg = ServeConfig.model_validate(serve_cfg)
+        catalog = AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s)
+        self.front = _frontend(cfg, catalog, HandleBackend(llm))
+
+    def __serve_build_asgi_app__(self):
+        from rayllm.serve.openai_routes import build_app as build_routes
+
+        return build_routes(self.front)
+
+
+def build_application(cfg: ServeConfig, registry_path: str | None):
+    """The bound application for a validated config."""
+    cfg = _absolute(cfg)
+    root = _registry_root(registry_path)
+    raw = cfg.model_dump(mode="json")
+    if cfg.topology == "single":
+        return LLMServerWithRoutes.options(
+            num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.replica_cpus},
+        ).bind(raw, root)
+    llm = LLMServer.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+    ).bind(raw, root)
+    return OpenAIIngress.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests * cfg.num_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+    ).bind(llm, raw, root)
+
+
+def _config_from_args(args: dict[str, Any]) -> RayllmConfig:
+    args = dict(args or {})
+    if "config" in args:
+        path = args.pop("config")
+        if args:
+            raise ValueError(f"build_app args: give either `config: PATH` or inline sections, not both (got {sorted(args)})")
+        cfg = load_config(path)
+    else:
+        cfg = parse_config(args, "serve application args")
+    if cfg.serve is None:
+        raise ValueError("build_app args: a `serve` section is required")
+    return cfg
+
+
+def build_app(args: dict[str, Any]):
+    """`import_path: rayllm.serve.app:build_app` in a Serve config file."""
+    cfg = _config_from_args(args)
+    return build_application(cfg.serve, cfg.registry.path)
+
+
+def run(cfg: RayllmConfig, address: str | None = None) -> int:
+    """`rayllm serve CONFIG`: start (or join) Ray, deploy, serve until Ctrl-C / SIGTERM, then undeploy."""
+    from rayllm.ray_session import ray_session
+    from rayllm.serve.deploy import deploy, undeploy
+
+    if cfg.serve.direct_ingress:
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # seen by a Ray started here
+    stop = threading.Event()
+    with ray_session(address):
+        # After ray.init, whose own handler would abort the process on SIGTERM instead of shutting down.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"rayllm: serving {cfg.serve.served_model_name} at {deploy(cfg)}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        undeploy(cfg)
+    return 0

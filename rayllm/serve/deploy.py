@@ -1,0 +1,63 @@
+"""Deploy the endpoint on the Ray this process is connected to, and say where it answers.
+
+Used by `rayllm serve` (app.run, which also starts Ray and blocks) and by jobs/deploy.py (a
+`ray job submit` driver that deploys and exits, leaving the application running on the cluster).
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+from rayllm.config import RayllmConfig
+
+
+def endpoint(cfg: RayllmConfig) -> str:
+    """The OpenAI base URL (`.../v1`) of the configured proxy."""
+    s = cfg.serve
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/v1"
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    health = url.removesuffix("/v1") + "/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{health} did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(2)
+
+
+def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
+    """Start Serve's proxy on serve.host:port, deploy (or update) the application, wait for /health.
+
+    Returns the endpoint URL. The application lives until `serve.delete(app_name)` or the cluster
+    stops; direct ingress (serve.direct_ingress) takes effect only where the cluster was started
+    with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (`rayllm serve` sets it for the Ray it starts).
+    """
+    from ray import serve
+
+    from rayllm.serve.app import build_application
+
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_application(s, cfg.registry.path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    url = endpoint(cfg)
+    wait_healthy(url, timeout_s)
+    return url
+
+
+def undeploy(cfg: RayllmConfig) -> None:
+    """Delete the application (in-flight requests finish first); stop Serve when nothing else runs on it."""
+    from ray import serve
+
+    serve.delete(cfg.serve.app_name)
+    if not serve.status().applications:
+        serve.shutdown()

@@ -1,0 +1,158 @@
+"""The vLLM implementation of `protocol.Engine`: AsyncLLM plus vLLM's own OpenAI serving objects.
+
+Completions and chat go through vLLM's `OpenAIServingCompletion` / `OpenAIServingChat`, so
+echo, logprobs, prompt logprobs, stop, n, seed and streaming behave exactly as in
+`vllm serve`; rayllm decides which adapter a request gets (residency.py) and registers it in
+vLLM's `lora_requests` table under the name responses should show.
+
+Chat prompts are rendered by vLLM with the tokenizer's chat template, which is the template
+`rayllm.chat.render_chat` uses for SFT data (a tokenizer without one gets rayllm's default here
+too); tests/ray/test_serve_stack.py checks the two give the same token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rayllm.config.serve import ServeConfig
+from rayllm.serve.errors import ServeError, from_vllm_error, from_vllm_exception
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(requested: str, on_gpu: bool, bf16_ok: bool) -> str:
+    """The engine dtype: `auto` is bf16 on CPUs that have it and fp32 on the others (never a 90x slower
+    emulated bf16); asking for bf16 on a CPU without it is an error, not a silent fallback."""
+    if on_gpu:
+        return requested
+    if requested == "auto":
+        return "bfloat16" if bf16_ok else "float32"
+    if requested == "bfloat16" and not bf16_ok:
+        raise ValueError(
+            "serve.dtype: bfloat16 requested but this CPU has no bf16 instructions (it would run ~90x slower); "
+            "use dtype: auto or float32"
+        )
+    return requested
+
+
+def engine_cli_args(cfg: ServeConfig, dtype: str, on_gpu: bool, chat_template: str | None) -> list[str]:
+    """The `vllm serve` arguments this config means (parsed by vLLM's own parser, so vLLM validates them)."""
+    args = [
+        "--model", cfg.model,
+        "--served-model-name", cfg.served_model_name,
+        "--dtype", dtype,
+        "--max-model-len", str(cfg.max_model_len),
+        "--enable-lora",
+        "--max-loras", str(cfg.max_loras),
+        "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-cpu-loras", str(cfg.max_cpu_loras),
+        "--seed", str(cfg.seed),
+        "--disable-log-stats",
+    ]
+    if cfg.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    if cfg.enforce_eager:
+        args.append("--enforce-eager")
+    if on_gpu:
+        args += ["--kv-cache-memory-bytes", str(cfg.kv_cache_gib << 30)]
+    if chat_template is not None:
+        args += ["--chat-template", chat_template]
+    return args
+
+
+def _tokenizer_has_chat_template(model_dir: str) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        return bool(AutoTokenizer.from_pretrained(model_dir).chat_template)
+    except Exception:  # noqa: BLE001 - vLLM reports an unusable tokenizer itself, with a better message
+        return True
+
+
+class VLLMEngine:
+    """AsyncLLM + vLLM's OpenAI serving objects for one base model with LoRA adapters."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.model_name = cfg.served_model_name
+        self.max_model_len = cfg.max_model_len
+        self.dtype: str | None = None
+        self._engine: Any = None
+        self._state: Any = None
+
+    async def start(self) -> None:
+        import torch
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_gpu = torch.cuda.is_available()
+        from rayllm.model import bf16_supported
+
+        self.dtype = resolve_dtype(self.cfg.dtype, on_gpu, bf16_ok=bf16_supported(use_gpu=False))
+        if not on_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+        template = None
+        if not _tokenizer_has_chat_template(self.cfg.model):
+            from rayllm.chat import DEFAULT_CHAT_TEMPLATE
+
+            template = DEFAULT_CHAT_TEMPLATE
+        logger.info("rayllm: starting vLLM on %s, dtype %s (CPU capability %s)", "GPU" if on_gpu else "CPU",
+                    self.dtype, torch.backends.cpu.get_cpu_capability())
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(self.cfg, self.dtype, on_gpu, template))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config()
+        self._engine = AsyncLLM.from_vllm_config(vllm_config, enable_log_requests=False, disable_log_stats=True)
+        self._state = State()
+        await init_app_state(self._engine, self._state, args, await self._engine.get_supported_tasks())
+
+    async def completion(self, request: Any) -> Any:
+        return await self._run(self._state.openai_serving_completion, "create_completion", request)
+
+    async def chat(self, request: Any) -> Any:
+        return await self._run(self._state.openai_serving_chat, "create_chat_completion", request)
+
+    async def _run(self, serving: Any, method: str, request: Any) -> Any:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            result = await getattr(serving, method)(request, None)
+        except (VLLMClientError, ValueError, TypeError, OverflowError) as e:
+            # vLLM raises some request errors (context length, bad sampling params) instead of returning them
+            raise from_vllm_exception(e) from None
+        if isinstance(result, ErrorResponse):
+            raise from_vllm_error(result)
+        return result
+
+    async def add_lora(self, name: str, lora_id: int, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+        try:
+            await self._engine.add_lora(request)
+        except Exception as e:  # noqa: BLE001 - the engine reports a bad adapter; the server stays up
+            raise ServeError(400, f"adapter '{name}' failed to load in vLLM: {e}", "model") from None
+        self._state.openai_serving_models.lora_requests[name] = request
+
+    async def remove_lora(self, name: str, lora_id: int) -> None:
+        table = self._state.openai_serving_models.lora_requests
+        if name in table and table[name].lora_int_id == lora_id:
+            del table[name]
+        await self._engine.remove_lora(lora_id)
+
+    async def check_health(self) -> None:
+        try:
+            await self._engine.check_health()
+        except Exception as e:  # noqa: BLE001
+            raise ServeError(503, f"engine unhealthy: {e}") from None
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

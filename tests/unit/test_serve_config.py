@@ -1,0 +1,85 @@
+"""ServeConfig validation, dtype choice, engine arguments (parsed by vLLM's own parser), adapter checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from rayllm.config import ConfigError, parse_config
+from rayllm.config.serve import ServeConfig
+from rayllm.serve.compat import AdapterIncompatible, check_adapter
+from rayllm.serve.vllm_engine import engine_cli_args, resolve_dtype
+
+
+def test_serve_config_rejects_bad_values_naming_the_key():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"serve": {"model": "m", "adapters": {"../x": "/p", "Upper": "/q"}, "max_loras": 8,
+                                "max_cpu_loras": 4, "bogus": 1}})
+    text = str(e.value)
+    assert "serve.bogus: unknown key" in text and "../x" in text and "Upper" in text
+    with pytest.raises(ConfigError, match=r"max_cpu_loras \(4\) must be >= max_loras \(8\)"):
+        parse_config({"serve": {"model": "m", "max_loras": 8, "max_cpu_loras": 4}})
+    with pytest.raises(ValidationError):
+        ServeConfig(model="m", served_model_name="has space")
+    assert ServeConfig(model="m").kv_cache_gib == 1
+
+
+def test_every_serve_field_has_a_description():
+    missing = [n for n, f in ServeConfig.model_fields.items() if not f.description]
+    assert missing == []
+
+
+@pytest.mark.parametrize("requested,gpu,bf16,expected", [
+    ("auto", False, False, "float32"),
+    ("auto", False, True, "bfloat16"),
+    ("float32", False, True, "float32"),
+    ("auto", True, False, "auto"),
+    ("bfloat16", True, False, "bfloat16"),
+])
+def test_resolve_dtype(requested, gpu, bf16, expected):
+    assert resolve_dtype(requested, gpu, bf16) == expected
+
+
+def test_bf16_on_a_cpu_without_it_is_an_error():
+    with pytest.raises(ValueError, match="no bf16 instructions"):
+        resolve_dtype("bfloat16", on_gpu=False, bf16_ok=False)
+
+
+def test_engine_args_parse_with_vllms_own_parser(tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cfg = ServeConfig(model=str(tmp_path), served_model_name="tiny", max_model_len=256, max_loras=2, max_cpu_loras=5,
+                      max_lora_rank=32, max_num_seqs=7, seed=3)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(engine_cli_args(cfg, "float32", False, "{{ x }}"))
+    ea = AsyncEngineArgs.from_cli_args(args)
+    assert (ea.model, ea.dtype, ea.max_model_len, ea.enable_lora, ea.max_loras, ea.max_cpu_loras, ea.max_lora_rank,
+            ea.max_num_seqs, ea.seed, ea.enforce_eager) == (str(tmp_path), "float32", 256, True, 2, 5, 32, 7, 3, True)
+    assert args.served_model_name == ["tiny"] and args.chat_template == "{{ x }}"
+
+
+def _adapter(tmp_path, r=8, meta=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r, "target_modules": ["v_proj", "q_proj"]}))
+    if meta is not None:
+        (tmp_path / "rayllm_adapter.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_check_adapter(tmp_path):
+    facts = check_adapter(_adapter(tmp_path, meta={"base_fingerprint": "fp", "rank": 8}), "fp", 16)
+    assert facts.rank == 8 and facts.target_modules == ("q_proj", "v_proj")
+    with pytest.raises(AdapterIncompatible, match="base fingerprint mismatch"):
+        check_adapter(tmp_path, "other", 16)
+    with pytest.raises(AdapterIncompatible, match="exceeds this server's max_lora_rank 4"):
+        check_adapter(tmp_path, "fp", 4)
+    with pytest.raises(AdapterIncompatible, match="rank mismatch"):
+        check_adapter(_adapter(tmp_path, r=8, meta={"rank": 4}), None, 16)
+    assert check_adapter(_adapter(tmp_path / "plain"), "fp", 16).base_fingerprint is None  # a plain PEFT folder
+    head = _adapter(tmp_path / "head")
+    (head / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj", "lm_head"]}))
+    with pytest.raises(AdapterIncompatible, match="lm_head are not served"):
+        check_adapter(head, None, 16)
