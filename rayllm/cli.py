@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if verb == "demo":
             p.add_argument("--workdir", default="runs/demo", help="Where the demo writes its corpus, runs and registry.")
+            p.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint the serve stage starts.")
             p.add_argument("--stages", default=None, help="Comma list of stages to run (default: all that are available).")
         else:
             p.add_argument("config", help="YAML config file.")

@@ -107,14 +107,14 @@ def stage_sweep(workdir: Path, address: str | None) -> None:
     run(load_config(path), address=address)
 
 
-def stage_serve(workdir: Path, address: str | None) -> None:
+def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> None:
     """Serve the base and the promoted adapter, answer one request with each, shut down."""
     from rayllm.config import load_config
     from rayllm.serve.deploy import deploy, undeploy
 
     path = _write_config(workdir, "serve", {
         "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
-                  "preload_adapters": ["botchan:prod"], "port": 8000},
+                  "preload_adapters": ["botchan:prod"], "port": port},
         "registry": {"path": str(workdir / "registry")},
     })
     cfg = load_config(path)
@@ -154,7 +154,10 @@ def main(args: argparse.Namespace) -> int:
         for name in names:
             started = time.time()
             print(f"\n=== demo stage: {name} ===", flush=True)
-            STAGES[name](workdir, args.address)
+            if name == "serve":
+                stage_serve(workdir, args.address, port=getattr(args, "port", 8000))
+            else:
+                STAGES[name](workdir, args.address)
             print(f"=== {name} done in {time.time() - started:.0f} s ===", flush=True)
     print(f"\ndemo finished; artifacts under {workdir}")
     return 0

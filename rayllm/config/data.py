@@ -25,7 +25,7 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
-    inputs: list[str] = Field(..., min_length=1, description="Files, directories or globs, local or any fsspec/pyarrow URI (s3://, gs://, ...).")
+    inputs: list[str] = Field(..., min_length=1, description="Files, directories or globs, local or any fsspec/pyarrow URI (s3://, gs://, ...); `botchan`: the public-domain novel setup installs.")
     format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="Input format; auto picks by extension (.jsonl/.json[.gz|.zst], .parquet, else text).")
     mode: Literal["pretrain", "sft"] = Field("pretrain", description="pretrain: plain text, every token trained; sft: conversations, only assistant tokens trained.")
     text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="pretrain: fields joined (blank line between) into one document.")

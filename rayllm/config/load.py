@@ -81,10 +81,16 @@ def parse_config(raw: Any, source: str = "config") -> "RayllmConfig":
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
+    from rayllm.config import storage
+
+    raw, problems = storage.apply(raw)
     try:
-        return RayllmConfig.model_validate(raw)
+        cfg = RayllmConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e, RayllmConfig) for e in exc.errors()]) from None
+        raise ConfigError(source, problems + [_describe(e, RayllmConfig) for e in exc.errors()]) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
 
 
 def load_config(path: str | Path) -> "RayllmConfig":

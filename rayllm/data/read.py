@@ -32,11 +32,16 @@ def detect_format(path: str) -> str:
 
 
 def resolve_inputs(inputs: list[str]) -> list[str]:
-    """Paths, directories and globs (local or any fsspec URI) → a sorted list of files."""
+    """Paths, directories and globs (local or any fsspec URI) → a sorted list of files; the name
+    `botchan` stands for the public-domain novel that setup installs (rayllm.data.corpora)."""
     import fsspec
 
     files: list[str] = []
     for spec in inputs:
+        if spec == "botchan":
+            from rayllm.data.corpora import botchan_path
+
+            spec = str(botchan_path())
         fs, path = fsspec.core.url_to_fs(spec)
         if any(c in path for c in "*?["):
             matches = fs.glob(path)

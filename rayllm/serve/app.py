@@ -187,24 +187,33 @@ class OpenAIIngress:
         return build_routes(self.front)
 
 
+def replica_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Replica count (fixed, or Serve's autoscaling) and admission limit of the LLM deployment."""
+    out: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests}
+    if cfg.autoscaling is None:
+        out["num_replicas"] = cfg.num_replicas
+    else:
+        a = cfg.autoscaling
+        out["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                     "initial_replicas": max(a.min_replicas, 1), "target_ongoing_requests": a.target_ongoing_requests}
+    return out
+
+
 def build_application(cfg: ServeConfig, registry_path: str | None):
     """The bound application for a validated config."""
     cfg = _absolute(cfg)
     root = _registry_root(registry_path)
     raw = cfg.model_dump(mode="json")
+    resources = {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
     if cfg.topology == "single":
         return LLMServerWithRoutes.options(
-            num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests,
-            ray_actor_options={"num_cpus": cfg.replica_cpus},
+            num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources,
         ).bind(raw, root)
-    llm = LLMServer.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
-    ).bind(raw, root)
+    llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(raw, root)
+    most = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
     return OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests * cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests * most,
         ray_actor_options={"num_cpus": 0.1},
     ).bind(llm, raw, root)
 

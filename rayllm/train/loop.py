@@ -35,6 +35,16 @@ def _all_sum(values, device):
     return t.tolist()
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node ID of every rank, in rank order (where the run's workers were placed)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
 def agreed_dtype(requested: str, use_gpu: bool, device) -> str:
     """`auto` → bf16 only if every worker's hardware runs it fast, so all ranks pick the same dtype."""
     import torch
@@ -168,6 +178,7 @@ def train_func(config: dict) -> None:
     b = Batching(**config["batching"])
 
     dtype = agreed_dtype(mcfg.dtype, tcfg.use_gpu, device)
+    nodes = worker_nodes()
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     ds_config = deepspeed_config(tcfg, b, dtype, config["planned_trainable_params"])
     model = make_model(mcfg, tcfg, tokenizer, config["base_dir"], dtype, ds_config)
@@ -187,9 +198,10 @@ def train_func(config: dict) -> None:
         state = ckpt.restore(engine, found, rank, strict=not lora)
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
-             "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"]})
+             "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
     if rank == 0:
-        say(f"rank 0: {dtype}, {trainable:,}/{total_params:,} trainable params, start at step {state.step}")
+        say(f"rank 0: {dtype}, {trainable:,}/{total_params:,} trainable params, start at step {state.step}, "
+            f"{world} workers on {len(set(nodes))} node(s)")
 
     def save_hf_files(folder: Path) -> None:
         hf_config.save_pretrained(folder)
@@ -252,7 +264,8 @@ def train_func(config: dict) -> None:
     final = {"step": state.step, "loss": state.history[-1] if state.history else None, **last, "rollbacks": state.rollbacks,
              "tokens_seen": state.tokens_seen, "dtype": dtype}
     out = {"status": "stopped" if state.step < tcfg.max_steps else "finished", **final, "run_dir": str(run_dir),
-           "config_hash": config["config_hash"], "trainable_params": trainable, "total_params": total_params}
+           "config_hash": config["config_hash"], "trainable_params": trainable, "total_params": total_params,
+           "worker_nodes": nodes}
     if out["status"] == "finished":  # stopped early on purpose (stop_at_step): the checkpoint is the output
         if lora:
             fingerprint = config["base_fingerprint"] or base_fingerprint(hf_config, tokenizer)

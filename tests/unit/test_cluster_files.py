@@ -41,7 +41,7 @@ def _kuberay():
 
 def test_kuberay_manifests_reference_real_files_and_the_same_ray_version():
     docs = _kuberay()
-    assert {d["kind"] for d in docs.values()} >= {"RayCluster", "RayJob"}
+    assert {d["kind"] for d in docs.values()} >= {"RayCluster", "RayJob", "RayService"}
     for name, doc in docs.items():
         assert doc["apiVersion"] == "ray.io/v1", name
         spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
@@ -51,6 +51,23 @@ def test_kuberay_manifests_reference_real_files_and_the_same_ray_version():
     job = next(d for d in docs.values() if d["kind"] == "RayJob")
     entry = job["spec"]["entrypoint"].split()
     assert entry[0] == "python" and (ROOT / entry[1]).is_file() and (ROOT / entry[2]).is_file(), entry
+
+
+def test_rayservice_serves_the_repos_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = next(d for d in _kuberay().values() if d["kind"] == "RayService")
+    inline = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(inline)
+    file = yaml.safe_load((ROOT / "serve_configs" / "llama8b_gpu.yaml").read_text())
+    assert inline["applications"] == file["applications"]  # the manifest carries exactly the repo's serve config
+    serve = inline["applications"][0]["args"]["serve"]
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert serve["replica_gpus"] <= gpus and serve["autoscaling"]["max_replicas"] <= workers["maxReplicas"] * gpus
+    for container in (service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0],
+                      workers["template"]["spec"]["containers"][0]):
+        assert {"name": "RAYLLM_STORAGE", "value": "/mnt/rayllm"} in container["env"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -83,3 +83,20 @@ def test_check_adapter(tmp_path):
     (head / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj", "lm_head"]}))
     with pytest.raises(AdapterIncompatible, match="lm_head are not served"):
         check_adapter(head, None, 16)
+
+
+def test_replica_options_fixed_or_autoscaled_and_gpu_resources():
+    from rayllm.config import ConfigError, parse_config
+    from rayllm.serve.app import replica_options
+
+    fixed = parse_config({"serve": {"model": "/m", "num_replicas": 3}}).serve
+    assert replica_options(fixed) == {"max_ongoing_requests": 256, "num_replicas": 3}
+    auto = parse_config({"serve": {"model": "/m", "replica_gpus": 1, "autoscaling": {"min_replicas": 0, "max_replicas": 4}}}).serve
+    opts = replica_options(auto)
+    assert "num_replicas" not in opts
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 16.0}
+    assert auto.replica_gpus == 1
+    with pytest.raises(ConfigError, match="max_replicas"):
+        parse_config({"serve": {"model": "/m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ConfigError, match="topology single"):
+        parse_config({"serve": {"model": "/m", "topology": "single", "autoscaling": {}}})
