@@ -24,12 +24,12 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("dataset", "output_dir"),
     "tune": ("output_dir",),
     "registry": ("path", "cache_dir"),
-    "serve": ("model", "stage_dir"),
+    "serve": ("model", "stage_dir", "adapters"),
 }
 # Keys whose stage reads and writes local files (through Ray Train, vLLM or a tokenizer); they
 # may not resolve to an object-store URI.
 LOCAL_ONLY = {"data.output_dir", "data.tokenizer.path", "model.path", "train.dataset", "train.output_dir",
-              "tune.output_dir", "serve.model", "serve.stage_dir"}
+              "tune.output_dir", "serve.model", "serve.stage_dir"}  # serve.adapters folders may be remote URIs
 
 
 def is_uri(path: str) -> bool:
@@ -80,6 +80,9 @@ def apply(raw: dict) -> tuple[dict, list[str]]:
             value = _get(section, key)
             if value is None and name == "registry":
                 value = {"path": "runs/registry", "cache_dir": "runs/registry-cache"}[key]  # the defaults are relative too
+            if isinstance(value, dict):  # serve.adapters: {name: folder}
+                section[key] = {name: resolve(root, path) if isinstance(path, str) else path for name, path in value.items()}
+                continue
             if not isinstance(value, str):
                 continue
             resolved = resolve(root, value)

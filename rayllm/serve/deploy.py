@@ -20,7 +20,8 @@ def endpoint(cfg: RayllmConfig) -> str:
     return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/v1"
 
 
-def wait_healthy(url: str, timeout_s: float) -> None:
+def wait_healthy(url: str, timeout_s: float, app_name: str | None = None) -> None:
+    """Until /health answers 200; fails early when Serve gives up on the application."""
     health = url.removesuffix("/v1") + "/health"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -30,6 +31,8 @@ def wait_healthy(url: str, timeout_s: float) -> None:
                     return
         except (urllib.error.URLError, OSError):
             pass
+        if app_name is not None:
+            _raise_if_failed(app_name)
         if time.monotonic() > deadline:
             raise TimeoutError(f"{health} did not answer 200 within {timeout_s:.0f}s")
         time.sleep(2)
@@ -50,8 +53,16 @@ def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_application(s, cfg.registry.path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     url = endpoint(cfg)
-    wait_healthy(url, timeout_s)
+    wait_healthy(url, timeout_s, s.app_name)
     return url
+
+
+def _raise_if_failed(app_name: str) -> None:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is not None and app.status == "DEPLOY_FAILED":
+        raise RuntimeError(f"Serve could not deploy application {app_name!r}: {app.message}")
 
 
 def undeploy(cfg: RayllmConfig) -> None:

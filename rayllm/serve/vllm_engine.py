@@ -110,6 +110,19 @@ class VLLMEngine:
         self._engine = AsyncLLM.from_vllm_config(vllm_config, enable_log_requests=False, disable_log_stats=True)
         self._state = State()
         await init_app_state(self._engine, self._state, args, await self._engine.get_supported_tasks())
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """Generate one token, so a model this vLLM cannot run (e.g. a head size its CPU attention
+        lacks) fails the replica's start with the reason, instead of every request with a 500."""
+        from vllm import SamplingParams
+
+        try:
+            async for _ in self._engine.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1), request_id="rayllm-warm-up"):
+                pass
+        except Exception as e:  # noqa: BLE001 - re-raised with the model named
+            self._engine.shutdown()
+            raise RuntimeError(f"vLLM started but cannot run {self.cfg.model}: {e}") from e
 
     async def completion(self, request: Any) -> Any:
         return await self._run(self._state.openai_serving_completion, "create_completion", request)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from rayllm.config.tune import TuneConfig
+
+# Settings a rerun may change: they act after the trials (publishing) or locate the sweep.
+_RERUN_FREE = {"publish_as", "promote_alias", "promote_margin", "output_dir", "name"}
 
 
 def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
@@ -20,6 +25,21 @@ def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
     if tune_cfg.lora_rank:
         space["lora_rank"] = tune.grid_search(list(tune_cfg.lora_rank))
     return space
+
+
+def grid_size(tune_cfg: TuneConfig) -> int:
+    """How many trials the sweep makes: every grid combination, num_samples times."""
+    n = tune_cfg.num_samples * max(len(tune_cfg.warmup_steps), 1) * max(len(tune_cfg.lora_rank), 1)
+    return n * len(tune_cfg.learning_rate.values) if tune_cfg.learning_rate.type == "grid" else n
+
+
+def fingerprint(cfg) -> str:
+    """What a sweep's trials are made of: the model and train sections and the tune settings, less
+    those a rerun may change. A sweep resumes only under the same fingerprint, because restored
+    trials train with the config they are given now while the grid was fixed at the start."""
+    made_of = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+               "tune": cfg.tune.model_dump(mode="json", exclude=_RERUN_FREE)}
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str, trials_dir: str, group: str) -> dict[str, Any]:

@@ -4,8 +4,15 @@ Ray Train V2 cannot be wrapped as `Tuner(TorchTrainer)`, so each trial is a smal
 builds the trial's config, builds the same TorchTrainer `rayllm train` builds, and fits it with
 Tune's report callback: validation losses flow to ASHA, which stops weak trials early. The
 trial's own driver is idle, so it holds a token 0.01 CPU; the trainer's workers hold what the train
-section asks for, which bounds how many trials run at once. Rerunning the same command resumes
-an interrupted sweep (`Tuner.restore`), and each resumed trial resumes its own checkpoint.
+section asks for, which bounds how many trials run at once. The base config reaches trials through
+`tune.with_parameters`, so Tune's param_space (and its progress table) holds only searched values.
+
+Rerunning the same command resumes an interrupted sweep (`Tuner.restore`): finished trials are kept,
+a trial that was running resumes its own Ray Train checkpoint, and grid points not yet started
+run. That holds for a driver that died (killed, node lost) or was stopped with Ctrl-C: Tune's
+searcher state on disk then still has the rest of the grid. A Tune `Stopper` whose `stop_all()`
+fires is no interruption: Tune marks the searcher finished and the cut trials TERMINATED, and
+`Tuner.restore` keeps both, so the rest of the grid would never run; hence no stopper here.
 """
 
 from __future__ import annotations
@@ -16,23 +23,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayllm.config import ConfigError, RayllmConfig, parse_config
+from rayllm.config import ConfigError, RayllmConfig, config_hash, parse_config
 from rayllm.tune.report import TrialRow, best_trial, plot, table, write_csv
-from rayllm.tune.space import check_sweep, param_space, trial_config
+from rayllm.tune.space import check_sweep, fingerprint, grid_size, param_space, trial_config
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(params: dict[str, Any], *, base: dict[str, Any], trials_dir: str, group: str) -> None:
     """The Tune trainable: one trial = one full training run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from rayllm.train.trainer import build_trainer, prepare_run
 
-    ctx = tune.get_context()
+    trial_id = tune.get_context().get_trial_id()
     # The run folder is named by the trial id, which Tune also reports, so results find it.
-    cfg = parse_config(trial_config(params["base"], params, ctx.get_trial_id(), params["trials_dir"], params["group"]))
+    cfg = parse_config(trial_config(base, params, trial_id, trials_dir, group))
+    done = Path(trials_dir) / trial_id / "result.json"
+    if _finished(done, cfg):
+        # Tune snapshots its state every ~10 s: a driver that died just after this run finished
+        # leaves it RUNNING in the snapshot, and the restored trial lands here. Its results are
+        # already in the trial's progress files; fitting again would only rewrite them.
+        print(f"sweep: {trial_id} already finished ({done})")
+        return
     pre, run_dir = prepare_run(cfg)
     build_trainer(cfg, pre, run_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def _finished(done: Path, cfg: RayllmConfig) -> bool:
+    if not done.is_file():
+        return False
+    result = json.loads(done.read_text())
+    return result.get("status") == "finished" and result.get("config_hash") == config_hash(cfg)
 
 
 def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> TrialRow:
@@ -41,7 +62,8 @@ def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> Tria
     curve: list[tuple[int, float]] = []
     if has("val_loss"):
         evals = df.dropna(subset=["val_loss"])
-        curve = [(int(s), float(v)) for s, v in zip(evals["step"], evals["val_loss"])]
+        # A trial resumed from its checkpoint reports the steps after it again: the last report wins.
+        curve = sorted({int(s): float(v) for s, v in zip(evals["step"], evals["val_loss"])}.items())
     trial_id = str(result.metrics.get("trial_id") or (df["trial_id"].iloc[-1] if has("trial_id") else ""))
     done = trials_dir / trial_id / "result.json"
     run = json.loads(done.read_text()) if trial_id and done.is_file() else {}
@@ -65,8 +87,8 @@ def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> Tria
     )
 
 
-def run(cfg: RayllmConfig, address: str | None = None, stop: Any = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; `stop` is a Tune stopper for the whole experiment (tests use it)."""
+def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
+    """Run the sweep, or resume it when `tune.output_dir`/`tune.name` already holds one."""
     problems = check_sweep(cfg)
     if problems:
         raise ConfigError("config", problems)
@@ -79,36 +101,62 @@ def run(cfg: RayllmConfig, address: str | None = None, stop: Any = None) -> dict
     # Checkpoints between evaluations report no val_loss; ASHA skips such results, Tune must not refuse them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     t = cfg.tune
-    sweep_dir = Path(t.output_dir).expanduser().resolve()
-    trials_dir = sweep_dir / t.name / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(t.output_dir).expanduser().resolve() / t.name
+    trials_dir = out / "trials"
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from rayllm.ray_session import ray_session
 
+    path = str(out / "tune")
+    resuming = tune.Tuner.can_restore(path)
+    _check_same_sweep(cfg, out, resuming)
+    trials_dir.mkdir(parents=True, exist_ok=True)
     base = cfg.model_dump(mode="json", exclude_none=True)
-    space = {**param_space(t), "base": base, "trials_dir": str(trials_dir), "group": t.name}
-    scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
-                              reduction_factor=t.reduction_factor)
-    trainable = tune.with_resources(_trial, {"CPU": 0.01})  # Tune refuses an empty request; the driver idles
+    # The same wrapping on every run: Tuner.restore checks the trainable's name against the saved one.
+    trainable = tune.with_resources(  # Tune refuses an empty request; the trial's driver idles
+        tune.with_parameters(_trial, base=base, trials_dir=str(trials_dir), group=t.name), {"CPU": 0.01})
     started = time.time()
     with ray_session(address, dashboard=True):
-        path = str(sweep_dir / t.name / "tune")
-        if tune.Tuner.can_restore(path):
+        if resuming:
             print(f"sweep: resuming {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
+            scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
+                                      reduction_factor=t.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
-                param_space=space,
+                param_space=param_space(t),
                 tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
                                             num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir / t.name), stop=stop),
+                run_config=tune.RunConfig(name="tune", storage_path=str(out)),
             )
         grid = tuner.fit()
-    return summarize(cfg, grid, trials_dir, sweep_dir / t.name, time.time() - started)
+    # Tune returns normally after Ctrl-C, with the cut trials TERMINATED in the grid it hands back;
+    # its saved state (what a rerun restores) still has them unfinished. Rank only a whole grid.
+    saved = tune.ExperimentAnalysis(path).trials
+    done, expected = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved), grid_size(t)
+    if done < expected:
+        print(f"sweep: interrupted with {done} of {expected} trials done; run the same command again to resume")
+        raise KeyboardInterrupt(f"sweep {out} interrupted")
+    return summarize(cfg, grid, trials_dir, out, time.time() - started)
+
+
+def _check_same_sweep(cfg: RayllmConfig, out: Path, resuming: bool) -> None:
+    """A rerun resumes the sweep it names; with other model/train/tune settings that would mix two
+    sweeps in one, so it is refused before Ray starts."""
+    record = out / "sweep.json"
+    mine = fingerprint(cfg)
+    if resuming and record.is_file():
+        theirs = json.loads(record.read_text()).get("fingerprint")
+        if theirs != mine:
+            raise ConfigError("config", [f"tune.name: {out} holds a sweep started with other model/train/tune settings "
+                                         f"(fingerprint {theirs}, this config {mine}); rerun it with the config it was "
+                                         "started with, or choose a new tune.name"])
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"fingerprint": mine}, indent=2))
 
 
 def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float) -> dict[str, Any]:

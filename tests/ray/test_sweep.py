@@ -2,27 +2,20 @@
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from rayllm.config import parse_config
 from tests.ray.train_fixtures import make_dataset, ray_local, tiny_config  # noqa: F401
 
 pytestmark = [pytest.mark.slow]
-
-
-def interrupt_after_first_trial(trials_dir):
-    """A Tune stopper that ends the whole sweep once one trial has finished: a sweep cut off mid-way."""
-    from ray import tune
-
-    class _Interrupt(tune.Stopper):
-        def __call__(self, trial_id, result):
-            return False
-
-        def stop_all(self):
-            return any(trials_dir.glob("*/result.json"))
-
-    return _Interrupt()
 
 
 def _base_model(tmp_path, dataset):
@@ -75,3 +68,99 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     assert {p: p.stat().st_mtime for p in trials.glob("*/result.json")} == mtimes
     assert again["published"] == "tiny@v1" and again["best"] == summary["best"]
     assert reg.versions("tiny") == [1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as written so far (a line being written may be incomplete)."""
+    out = []
+    path = run_dir / "metrics.jsonl"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run: what a resumed run restores (a checkpoint
+    a worker saved but the controller had not yet recorded is lost with the driver)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+    return bool(snapshot.get("checkpoint_results"))
+
+
+def _wait_mid_sweep(trials: Path, driver: subprocess.Popen, timeout: float) -> tuple[Path, Path]:
+    """Wait until one trial has finished and the next is training with a registered checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert driver.poll() is None, f"the sweep ended (exit {driver.returncode}) before it could be interrupted"
+        runs = [d for d in trials.glob("*") if d.is_dir()] if trials.exists() else []
+        done = [d for d in runs if (d / "result.json").exists()]
+        going = [d for d in runs if d not in done and _has_checkpoint(d)]
+        if done and going:
+            return done[0], going[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no trial reached a checkpoint after a finished one within {timeout} s")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every Ray process it started (its own process group), and wait until none is left."""
+    for _ in range(60):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        proc.poll()  # reap the driver: a zombie still counts as a member of the group
+        time.sleep(0.5)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(900)
+def test_sweep_killed_mid_way_resumes_and_runs_every_grid_point_once(ray_local, tmp_path):
+    """`rayllm sweep` is SIGKILLed while its second trial trains; running it again finishes the grid."""
+    from rayllm.registry import Registry
+    from rayllm.tune.sweep import run
+
+    dataset = make_dataset(tmp_path / "data", seq_len=32, n_docs=200, val_docs=60)
+    # A step takes tens of ms: enough of them after the first checkpoint that the kill lands mid-run.
+    raw = tiny_config(dataset, tmp_path / "unused", max_steps=120, eval_every=30, save_every=30, eval_batches=1,
+                      warmup_steps=0, logging_steps=1)
+    raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
+    raw["tune"] = {"learning_rate": {"type": "grid", "values": [3e-3, 1e-2, 2e-2]}, "grace_period": 120,
+                   "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
+                   "publish_as": "tiny", "promote_alias": "prod"}
+    raw["registry"] = {"path": str(tmp_path / "registry")}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweeps" / "lr"
+
+    # The driver starts its own local Ray (not this module's), all in one new process group.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with (tmp_path / "killed_sweep.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-u", "-m", "rayllm.cli", "sweep", str(config)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2], start_new_session=True)
+        try:
+            first, second = _wait_mid_sweep(out / "trials", driver, timeout=400)
+        finally:
+            _kill_group(driver)
+    assert not (second / "result.json").exists()
+    assert len([d for d in (out / "trials").glob("*") if d.is_dir()]) == 2  # the third grid point never started
+    first_done = (first / "result.json").stat().st_mtime
+
+    summary = run(parse_config(raw))  # the same command again (on this module's Ray)
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(float(r["learning_rate"]) for r in rows) == [3e-3, 1e-2, 2e-2]  # each grid point exactly once
+    assert len({r["trial"] for r in rows}) == 3 and {first.name, second.name} <= {r["trial"] for r in rows}
+    assert all(r["status"] == "finished" and int(r["steps"]) == 120 for r in rows), rows
+    assert (first / "result.json").stat().st_mtime == first_done  # the finished trial was not trained again
+    starts = [r for r in _records(second) if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] in (30, 60, 90)  # from its own checkpoint
+
+    reg = Registry(str(tmp_path / "registry"))
+    assert summary["trials"] == 3 and summary["published"] == "tiny@v1" and summary["promoted"] is True
+    assert reg.versions("tiny") == [1] and reg.resolve("tiny:prod").version == 1
+    assert reg.resolve("tiny:prod").manifest["source_run"] == summary["best"]

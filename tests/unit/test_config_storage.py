@@ -9,7 +9,7 @@ RAW = {
     "model": {"path": "runs/train/pretrain/model", "lora": {"rank": 4}},
     "train": {"dataset": "runs/data/sft", "output_dir": "/abs/train"},
     "tune": {"output_dir": "runs/sweeps"},
-    "serve": {"model": "smollm2"},
+    "serve": {"model": "smollm2", "adapters": {"a": "runs/train/a/adapter", "b": "s3://bucket/b"}},
 }
 
 
@@ -23,6 +23,7 @@ def test_relative_artifact_paths_resolve_against_storage(monkeypatch):
     assert cfg.tune.output_dir == "/shared/rayllm/runs/sweeps"
     assert cfg.registry.path == "/shared/rayllm/runs/registry"  # the default is resolved too
     assert cfg.registry.cache_dir == "/shared/rayllm/runs/registry-cache"
+    assert cfg.serve.adapters == {"a": "/shared/rayllm/runs/train/a/adapter", "b": "s3://bucket/b"}
     # Absolute paths, keywords and raw inputs stay as written.
     assert cfg.train.output_dir == "/abs/train" and cfg.serve.model == "smollm2"
     assert cfg.data.inputs == ["jobs/data/x.jsonl", "botchan"]

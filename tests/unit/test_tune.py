@@ -4,7 +4,7 @@ import pytest
 
 from rayllm.config import parse_config
 from rayllm.tune.report import TrialRow, best_trial, table, write_csv
-from rayllm.tune.space import check_sweep, trial_config
+from rayllm.tune.space import check_sweep, fingerprint, grid_size, param_space, trial_config
 
 BASE = {
     "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "lora": {"rank": 4}},
@@ -21,6 +21,28 @@ def test_trial_config_sets_the_trial_values_and_its_own_run_folder():
     assert parsed.train.run_name == "abc_00001" and parsed.train.output_dir == "/sweeps/s/trials"
     assert parsed.train.wandb_group == "s"
     assert BASE["train"]["max_steps"] == 20 and "run_name" not in BASE["train"]  # the base is not mutated
+
+
+def test_param_space_holds_only_the_searched_values():
+    space = param_space(parse_config(BASE).tune)
+    assert set(space) == {"learning_rate", "lora_rank"}  # the base config reaches trials another way
+    assert space["learning_rate"] == {"grid_search": [1e-4, 1e-3]}
+
+
+def test_grid_size_counts_every_trial():
+    assert grid_size(parse_config(BASE).tune) == 4
+    assert grid_size(parse_config({**BASE, "tune": {**BASE["tune"], "warmup_steps": [0, 2, 4], "num_samples": 2}}).tune) == 24
+    loguniform = {"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}, "num_samples": 5}
+    assert grid_size(parse_config({**BASE, "tune": loguniform}).tune) == 5
+
+
+def test_fingerprint_changes_with_what_trials_train_not_with_publishing():
+    cfg = parse_config(BASE)
+    publish = parse_config({**BASE, "tune": {**BASE["tune"], "publish_as": "x", "promote_alias": "prod", "output_dir": "/else"}})
+    assert fingerprint(publish) == fingerprint(cfg)
+    other_lr = parse_config({**BASE, "tune": {**BASE["tune"], "learning_rate": {"type": "grid", "values": [1e-4]}}})
+    other_steps = parse_config({**BASE, "train": {**BASE["train"], "max_steps": 30}})
+    assert len({fingerprint(cfg), fingerprint(other_lr), fingerprint(other_steps)}) == 3
 
 
 def test_check_sweep_finds_unusable_combinations():
@@ -60,3 +82,15 @@ def test_best_trial_is_the_lowest_val_loss_among_finished(tmp_path):
     assert [r["trial"] for r in read] == ["a", "b", "c", "d"]
     assert read[2]["stopped_early"] == "True" and read[1]["stopped_early"] == "False"
     assert best_trial([row("x", 1e-3, 1.0, status="stopped", steps=5)]) is None
+
+
+def test_a_rerun_with_other_settings_is_refused_before_ray_starts(tmp_path):
+    from rayllm.config import ConfigError
+    from rayllm.tune.sweep import _check_same_sweep
+
+    cfg = parse_config(BASE)
+    _check_same_sweep(cfg, tmp_path, resuming=False)  # a new sweep records its fingerprint
+    _check_same_sweep(parse_config({**BASE, "tune": {**BASE["tune"], "publish_as": "x"}}), tmp_path, resuming=True)
+    other = parse_config({**BASE, "train": {**BASE["train"], "max_steps": 30}})
+    with pytest.raises(ConfigError, match="tune.name: .* other model/train/tune settings"):
+        _check_same_sweep(other, tmp_path, resuming=True)
