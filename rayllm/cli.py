@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rayllm: invalid config {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or a sweep cut off mid-way: rerunning the same command resumes
+        print(f"rayllm: {args.verb} interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

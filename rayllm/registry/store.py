@@ -22,9 +22,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from rayllm.registry.filesystems import url_to_fs
 from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, copy_to_local, copy_tree_hashed,
                                          local_copy_matches, read_json, write_json_atomic)
 from rayllm.registry.names import RegistryError, is_valid_name, parse_alias_ref, parse_ref, validate_name
@@ -45,7 +45,7 @@ class Registry:
     """Publish, alias and resolve adapter versions under one root; safe across threads and processes."""
 
     def __init__(self, root: str, **storage_options: Any) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(str(root), **storage_options)
+        self.fs, self.root = url_to_fs(str(root), **storage_options)
         self.root = self.root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:
@@ -95,7 +95,7 @@ class Registry:
         failed upload never holds a number; the manifest is written last and makes it visible.
         """
         validate_name(name)
-        src_fs, src = fsspec.core.url_to_fs(str(adapter_dir))
+        src_fs, src = url_to_fs(str(adapter_dir))
         src = src.rstrip("/")
         facts = adapter_facts(src_fs, src, metrics=metrics, source_run=source_run)
         staging = f"{self.root}/{name}/_staging/{uuid.uuid4().hex}"

@@ -149,12 +149,12 @@ class AdapterManager:
             dest = self.stage_dir / "fetched" / spec.name.replace("@", "_")
             return Registry(spec.registry_root).fetch(spec.name, str(dest)).path
         if "://" in spec.source:
-            import fsspec
+            from rayllm.registry.filesystems import url_to_fs
 
             digest = hashlib.sha256(f"{spec.source}#{spec.generation}".encode()).hexdigest()[:16]
             dest = self.stage_dir / "downloaded" / digest
             if not dest.is_dir():
-                fs, path = fsspec.core.url_to_fs(spec.source)
+                fs, path = url_to_fs(spec.source)
                 tmp = f"{dest}.partial"
                 fs.get(path.rstrip("/") + "/", tmp, recursive=True)
                 os.replace(tmp, dest)

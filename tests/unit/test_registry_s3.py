@@ -1,4 +1,5 @@
-"""The registry on an object store: moto's S3 server on loopback (skipped where s3fs is not installed)."""
+"""The registry on an object store: moto's S3 server on loopback, through s3fs where it is installed
+and through pyarrow's S3 client where it is not."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
+pytestmark = pytest.mark.timeout(120)
 
 from rayllm.registry import Registry, RegistryError  # noqa: E402
 
@@ -34,9 +35,10 @@ def s3_options() -> Iterator[dict[str, Any]]:
     server.start()
     options = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
-    import s3fs
+    import boto3
 
-    s3fs.S3FileSystem(**options).call_s3("create_bucket", Bucket="registry-bucket")
+    boto3.session.Session().client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                                   **options["client_kwargs"]).create_bucket(Bucket="registry-bucket")
     yield options
     server.stop()
 
@@ -89,3 +91,13 @@ def test_concurrent_publishes_on_s3_get_distinct_versions(tmp_path: Path, s3_opt
     reg = Registry("s3://registry-bucket/many", **s3_options)
     assert reg.versions("shared") == list(range(1, 9))
     assert {reg.resolve(r).manifest["metrics"]["val_loss"] for r in refs} == {1.0, 2.0, 3.0, 4.0}
+
+
+def test_version_claim_is_an_exclusive_create_on_s3(s3_options: dict[str, Any]) -> None:
+    reg = Registry("s3://registry-bucket/claims", **s3_options)
+    with reg.fs.open(f"{reg.root}/c/v1.claim", "xb") as f:
+        f.write(b"first")
+    with pytest.raises(FileExistsError):
+        with reg.fs.open(f"{reg.root}/c/v1.claim", "xb") as f:
+            f.write(b"second")
+    assert reg.fs.cat_file(f"{reg.root}/c/v1.claim") == b"first"
