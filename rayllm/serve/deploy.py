@@ -51,7 +51,10 @@ def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
 
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_application(s, cfg.registry.path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    try:
+        serve.run(build_application(s, cfg.registry.path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    except RuntimeError as exc:  # Serve gave up on the replicas: say why, not only that
+        raise RuntimeError(f"{exc}\n{_failure_detail(s.app_name)}") from None
     url = endpoint(cfg)
     wait_healthy(url, timeout_s, s.app_name)
     return url
@@ -62,13 +65,17 @@ def _raise_if_failed(app_name: str) -> None:
 
     app = serve.status().applications.get(app_name)
     if app is not None and app.status == "DEPLOY_FAILED":
-        raise RuntimeError(f"Serve could not deploy application {app_name!r}: {app.message}")
+        raise RuntimeError(f"Serve could not deploy application {app_name!r}\n{_failure_detail(app_name)}")
 
 
-def undeploy(cfg: RayllmConfig) -> None:
-    """Delete the application (in-flight requests finish first); stop Serve when nothing else runs on it."""
+def _failure_detail(app_name: str, limit: int = 400) -> str:
+    """The start of the application's and its deployments' status messages (Serve cuts long
+    tracebacks short; the replica's log has the rest)."""
     from ray import serve
 
-    serve.delete(cfg.serve.app_name)
-    if not serve.status().applications:
-        serve.shutdown()
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return ""
+    lines = [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "\n".join(line if len(line) <= limit else line[:limit] + " …" for line in lines if line) + \
+        "\n(the replicas' own logs: the Ray dashboard, or `ray logs` on the cluster)"

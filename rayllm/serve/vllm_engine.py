@@ -122,7 +122,8 @@ class VLLMEngine:
                 pass
         except Exception as e:  # noqa: BLE001 - re-raised with the model named
             self._engine.shutdown()
-            raise RuntimeError(f"vLLM started but cannot run {self.cfg.model}: {e}") from e
+            raise RuntimeError(f"vLLM started but cannot generate with {self.cfg.model}: {e} (the engine's own error is in "
+                               f"this replica's log, e.g. a head size vLLM's CPU attention does not support)") from None
 
     async def completion(self, request: Any) -> Any:
         return await self._run(self._state.openai_serving_completion, "create_completion", request)
