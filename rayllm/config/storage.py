@@ -3,7 +3,7 @@
 On a cluster each job runs in its own copy of the working directory (`ray job submit
 --working-dir .`), so a relative `runs/...` path would land in a throwaway folder on one node.
 `storage` (or the RAYLLM_STORAGE environment variable) names a root that every node sees — a
-shared filesystem such as NFS/EFS/Lustre, or an object-store URI for the registry — and every
+shared filesystem such as NFS/EFS/Lustre, or an object-store URI for run dirs and the registry — and every
 relative artifact path in the config is resolved against it. Raw inputs (`data.inputs`) stay
 relative to the working directory, where a job's own files are.
 """
@@ -28,7 +28,7 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Keys whose stage reads and writes local files (through Ray Train, vLLM or a tokenizer); they
 # may not resolve to an object-store URI.
-LOCAL_ONLY = {"data.output_dir", "data.tokenizer.path", "model.path", "train.dataset", "train.output_dir",
+LOCAL_ONLY = {"data.output_dir", "data.tokenizer.path", "model.path", "train.dataset",
               "tune.output_dir", "serve.model", "serve.stage_dir"}  # serve.adapters folders may be remote URIs
 
 
@@ -91,7 +91,7 @@ def apply(raw: dict) -> tuple[dict, list[str]]:
             if is_uri(resolved) and dotted in LOCAL_ONLY and not is_uri(value):
                 problems.append(f"{dotted}: {value!r} would resolve to {resolved!r} under storage {root!r}, but this stage "
                                 f"reads and writes local files; give an absolute path on a disk every node mounts, or set "
-                                f"storage to such a path (object-store URIs work for registry.path)")
+                                f"storage to such a path (object-store URIs work for train.output_dir and registry.path)")
                 continue
             head = key.split(".")[0]
             if isinstance(section.get(head), dict):

@@ -19,7 +19,7 @@ class SpikeConfig(Section):
 
 class TrainConfig(Section):
     dataset: str = Field(..., description="Prepared dataset folder (the output_dir of `rayllm prepare`, holding manifest.json).")
-    output_dir: str = Field("runs/train", description="Run directory root; the run lives in output_dir/run_name. Rerunning the same command resumes.")
+    output_dir: str = Field("runs/train", description="Run directory root, a shared disk or an object-store URI (s3://bucket/runs); the run lives in output_dir/run_name. Rerunning the same command resumes.")
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run (a folder name).")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker holds (fractions let 2 workers share a 2-core machine with the driver).")

@@ -60,6 +60,15 @@ def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
     return url
 
 
+def undeploy(cfg: RayllmConfig) -> None:
+    """Delete the application (in-flight requests finish first); stop Serve when nothing else runs on it."""
+    from ray import serve
+
+    serve.delete(cfg.serve.app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
 def _raise_if_failed(app_name: str) -> None:
     from ray import serve
 

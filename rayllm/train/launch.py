@@ -5,8 +5,6 @@ returned as it is."""
 
 from __future__ import annotations
 
-import json
-
 from rayllm.config import ConfigError, config_hash
 from rayllm.train.preflight import describe, preflight
 from rayllm.train.trainer import build_trainer, prepare_run
@@ -27,16 +25,14 @@ def run(cfg, address: str | None = None) -> dict:
     """`rayllm train CONFIG`: train (or resume) the run and return its result.json as a dict."""
     from rayllm.ray_session import ray_session
 
-    pre, run_dir = prepare_run(cfg, address=address)
+    pre, run = prepare_run(cfg, address=address)
     print(describe(pre, cfg))
-    done = run_dir / "result.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("status") == "finished" and result.get("config_hash") == config_hash(cfg):
-            print(f"[rayllm] {run_dir} already finished; delete it to train again")
-            return result
+    result = run.read_json("result.json")
+    if result and result.get("status") == "finished" and result.get("config_hash") == config_hash(cfg):
+        print(f"[rayllm] {run.location} already finished; delete it to train again")
+        return result
     with ray_session(address):
-        fit = build_trainer(cfg, pre, run_dir).fit()
-    result = json.loads(done.read_text()) if done.exists() else {"status": "unknown"}
+        fit = build_trainer(cfg, pre, run).fit()
+    result = run.read_json("result.json") or {"status": "unknown"}
     result["checkpoint"] = fit.checkpoint.path if fit.checkpoint else None
     return result

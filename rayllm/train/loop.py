@@ -14,6 +14,7 @@ from pathlib import Path
 from rayllm.train import checkpoint as ckpt
 from rayllm.train import export
 from rayllm.train.data import PackedSplit, StreamOrder, micro_slice
+from rayllm.train.run_store import RunStore
 from rayllm.train.metrics import MetricsLog, device_peak_flops, flops_per_token, mfu, peak_memory_gib, plot_losses
 from rayllm.train.schedule import build_scheduler, rescale
 from rayllm.train.spike import remember, spike_reason
@@ -174,7 +175,8 @@ def train_func(config: dict) -> None:
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
     if tcfg.use_gpu:
         torch.cuda.set_device(device)
-    run_dir, masking = Path(config["run_dir"]), tcfg.document_masking
+    store = RunStore.on_worker(config)
+    run_dir, masking = store.local, tcfg.document_masking
     b = Batching(**config["batching"])
 
     dtype = agreed_dtype(mcfg.dtype, tcfg.use_gpu, device)
@@ -196,6 +198,8 @@ def train_func(config: dict) -> None:
     state = ckpt.TrainState()
     if (found := ray.train.get_checkpoint()) is not None:
         state = ckpt.restore(engine, found, rank, strict=not lora)
+    if rank == 0 and found is not None:
+        store.pull("metrics.jsonl")  # an object-store run may resume on another node
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
              "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
@@ -257,25 +261,32 @@ def train_func(config: dict) -> None:
             if do_save:
                 folder = ckpt.save(engine, state, rank, save_hf_files, exclude_frozen=lora)
                 ckpt.report(metrics, folder, state.step)
+                if rank == 0:
+                    store.push("metrics.jsonl")
             else:
                 ray.train.report(metrics)
         paused += time.perf_counter() - t_pause
 
     final = {"step": state.step, "loss": state.history[-1] if state.history else None, **last, "rollbacks": state.rollbacks,
              "tokens_seen": state.tokens_seen, "dtype": dtype}
-    out = {"status": "stopped" if state.step < tcfg.max_steps else "finished", **final, "run_dir": str(run_dir),
+    out = {"status": "stopped" if state.step < tcfg.max_steps else "finished", **final, "run_dir": store.location,
            "config_hash": config["config_hash"], "trainable_params": trainable, "total_params": total_params,
            "worker_nodes": nodes}
     if out["status"] == "finished":  # stopped early on purpose (stop_at_step): the checkpoint is the output
         if lora:
             fingerprint = config["base_fingerprint"] or base_fingerprint(hf_config, tokenizer)
             meta = export.adapter_meta(base_fingerprint=fingerprint, lora_cfg=mcfg.lora, config_hash=config["config_hash"],
-                                       metrics=final, source_run=str(run_dir), base_model=config["base_dir"])
-            out["adapter_dir"] = str(export.save_adapter(engine, run_dir / "adapter", meta) or run_dir / "adapter")
+                                       metrics=final, source_run=store.location, base_model=config["base_dir"])
+            export.save_adapter(engine, run_dir / "adapter", meta)
+            out["adapter_dir"] = store.where("adapter")
         else:
-            out["model_dir"] = str(export.save_model(engine, tokenizer, run_dir / "model") or run_dir / "model")
+            export.save_model(engine, tokenizer, run_dir / "model")
+            out["model_dir"] = store.where("model")
     if rank == 0:
         if (run_dir / "metrics.jsonl").exists():
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         (run_dir / "result.json").write_text(json.dumps(out, indent=2))
+        # result.json last: on an object store its arrival says the run is complete
+        store.push("metrics.jsonl", "loss_curve.png", "adapter", "model")
+        store.push("result.json")
     log.close()

@@ -11,27 +11,27 @@ import yaml
 
 from rayllm.config import ConfigError, config_hash
 from rayllm.train.preflight import Preflight, capacity_text, describe, gib, preflight
+from rayllm.train.run_store import RunStore
 from rayllm.train.spike import INJECT_ENV, injected_steps
 
 TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "rayllm" / "torch_extensions")
 
 
-def prepare_run(cfg, address: str | None = None, dry: bool = False) -> tuple[Preflight, Path]:
+def prepare_run(cfg, address: str | None = None, dry: bool = False) -> tuple[Preflight, RunStore]:
     """Preflight (config rules, dataset, base model, memory plan) before any Ray resource; then the
-    run folder with the resolved config. Returns (preflight, run_dir)."""
+    run folder (or URI) with the resolved config. Returns (preflight, run store)."""
     pre = preflight(cfg, address)
     if not pre.fits:
         need = gib(pre.plan.per_worker(pre.settings.use_gpu))
         raise ConfigError("config", [f"train: the plan needs {need} per worker, more than there is ({capacity_text(pre)}); "
                                      f"{describe(pre, cfg).splitlines()[-1]}; `rayllm plan` shows the breakdown"])
-    run_dir = Path(cfg.train.output_dir).expanduser().resolve() / cfg.train.run_name
+    run = RunStore(cfg.train.output_dir, cfg.train.run_name)
     if not dry:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
-    return pre, run_dir
+        run.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    return pre, run
 
 
-def loop_config(cfg, pre: Preflight, run_dir: Path) -> dict:
+def loop_config(cfg, pre: Preflight, run: RunStore) -> dict:
     """What every worker receives: validated sections as plain data, paths, derived numbers."""
     from rayllm.model import base_fingerprint
 
@@ -45,14 +45,14 @@ def loop_config(cfg, pre: Preflight, run_dir: Path) -> dict:
         "train": t.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
         "dataset": str(dataset), "tokenizer_dir": str(dataset / pre.manifest.get("tokenizer", "tokenizer")),
         "base_dir": pre.base_dir, "base_fingerprint": base_fingerprint(pre.base_dir) if pre.base_dir else None,
-        "run_dir": str(run_dir), "batching": asdict(pre.batching), "eval_micro_batches": pre.eval_micro_batches,
+        "run_dir": str(run.local), "run_uri": run.uri, "batching": asdict(pre.batching), "eval_micro_batches": pre.eval_micro_batches,
         "planned_trainable_params": pre.shape.trainable_params,
         "config_hash": config_hash(cfg), "cpu_capability": pre.cpu_capability, "torch_extensions_dir": TORCH_EXTENSIONS_DIR,
         "wandb": wandb, "inject_spike_at": sorted(injected_steps(os.environ.get(INJECT_ENV))),
     }
 
 
-def build_trainer(cfg, pre: Preflight, run_dir: Path, callbacks: Sequence[Any] = ()):
+def build_trainer(cfg, pre: Preflight, run: RunStore, callbacks: Sequence[Any] = ()):
     """Workers, resources, checkpoint retention and failure restarts from the train section. The
     run's name and storage path are its folder, so building it again resumes it (Ray Train V2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -64,10 +64,10 @@ def build_trainer(cfg, pre: Preflight, run_dir: Path, callbacks: Sequence[Any] =
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_func,
-        train_loop_config=loop_config(cfg, pre, run_dir),
+        train_loop_config=loop_config(cfg, pre, run),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            **run.ray_storage(),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_last),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks),

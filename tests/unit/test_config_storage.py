@@ -50,4 +50,7 @@ def test_object_store_root_holds_the_registry_and_refuses_local_only_keys(monkey
     text = str(err.value)
     for key in ("data.output_dir", "data.tokenizer.path", "model.path", "train.dataset", "tune.output_dir"):
         assert f"{key}: " in text
-    assert "train.output_dir" not in text  # absolute: fine
+    assert "train.output_dir: " not in text  # absolute: fine
+    # Run dirs and checkpoints may live on the object store (Ray Train persists checkpoints there).
+    cfg = parse_config({"storage": "s3://bucket/team", "train": {"dataset": "/data/sft", "output_dir": "runs/train"}})
+    assert cfg.train.output_dir == "s3://bucket/team/runs/train"
