@@ -198,8 +198,8 @@ def train_func(config: dict) -> None:
     state = ckpt.TrainState()
     if (found := ray.train.get_checkpoint()) is not None:
         state = ckpt.restore(engine, found, rank, strict=not lora)
-    if rank == 0 and found is not None:
-        store.pull("metrics.jsonl")  # an object-store run may resume on another node
+    if rank == 0:  # an object-store run: its files come from the bucket, never from a stale staging folder
+        store.pull("metrics.jsonl") if found is not None else store.start_fresh()
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
              "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})

@@ -92,6 +92,14 @@ class RunStore:
             for f in files:  # file by file: fsspec's recursive put nests differently when the target exists
                 fs.put_file(str(f), f"{root}/{f.relative_to(self.local).as_posix()}")
 
+    def start_fresh(self) -> None:
+        """Empty the staging folder of an object-store run starting from step 0: a folder left by an
+        earlier run under the same URI must not leak into this one (no-op on a disk)."""
+        if self.uri is not None and self.local.is_dir():
+            import shutil
+
+            shutil.rmtree(self.local, ignore_errors=True)
+
     def pull(self, *names: str) -> None:
         """Download these files from the run's URI into the staging folder, where they exist."""
         if self.uri is None:
