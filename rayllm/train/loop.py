@@ -14,8 +14,8 @@ from pathlib import Path
 from rayllm.train import checkpoint as ckpt
 from rayllm.train import export
 from rayllm.train.data import PackedSplit, StreamOrder, micro_slice
-from rayllm.train.run_store import RunStore
 from rayllm.train.metrics import MetricsLog, device_peak_flops, flops_per_token, mfu, peak_memory_gib, plot_losses
+from rayllm.train.run_store import RunStore
 from rayllm.train.schedule import build_scheduler, rescale
 from rayllm.train.spike import remember, spike_reason
 
@@ -198,8 +198,10 @@ def train_func(config: dict) -> None:
     state = ckpt.TrainState()
     if (found := ray.train.get_checkpoint()) is not None:
         state = ckpt.restore(engine, found, rank, strict=not lora)
-    if rank == 0:  # an object-store run: its files come from the bucket, never from a stale staging folder
-        store.pull("metrics.jsonl") if found is not None else store.start_fresh()
+    if rank == 0 and found is not None:  # an object-store run resumes with the metrics in its bucket
+        store.pull("metrics.jsonl")
+    elif rank == 0:  # ...and starts without whatever a staging folder kept from an earlier run
+        store.start_fresh()
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
              "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})

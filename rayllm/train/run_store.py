@@ -51,8 +51,7 @@ class RunStore:
     def _fs(self):
         from rayllm.registry.filesystems import url_to_fs
 
-        fs, path = url_to_fs(self.uri)
-        return fs, path
+        return url_to_fs(self.uri)
 
     def ray_storage(self) -> dict[str, Any]:
         """Ray Train's RunConfig arguments that put the run's checkpoints where the run lives."""
