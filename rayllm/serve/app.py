@@ -17,6 +17,7 @@ replica that already has it loaded. Entry points:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -54,8 +55,14 @@ def _absolute(cfg: ServeConfig) -> ServeConfig:
     def fix(p: str) -> str:
         return p if "://" in p or not Path(p).exists() else str(Path(p).resolve())
 
-    return cfg.model_copy(update={"model": str(resolve_base(cfg.model)),
-                                  "adapters": {n: fix(p) for n, p in cfg.adapters.items()}})
+    base = resolve_base(cfg.model)
+    config = base / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("is_encoder_decoder"):
+        from rayllm.config import ConfigError
+
+        raise ConfigError("config", [f"serve.model: {base} is an encoder-decoder (seq2seq) model and vLLM serves decoder-only "
+                                     "models; serve a causal LM (a seq2seq model runs with transformers' generate)"])
+    return cfg.model_copy(update={"model": str(base), "adapters": {n: fix(p) for n, p in cfg.adapters.items()}})
 
 
 class _LLMServer:
@@ -245,6 +252,7 @@ def run(cfg: RayllmConfig, address: str | None = None) -> int:
 
     if cfg.serve.direct_ingress:
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # seen by a Ray started here
+    _absolute(cfg.serve)  # a base vLLM cannot serve is refused before Ray starts
     stop = threading.Event()
     with ray_session(address):
         # After ray.init, whose own handler would abort the process on SIGTERM instead of shutting down.

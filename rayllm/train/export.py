@@ -53,14 +53,15 @@ def save_adapter(engine, out_dir: Path, meta: dict) -> Path | None:
     return _replace_dir(tmp, out_dir)
 
 
-def adapter_meta(*, base_fingerprint: str, lora_cfg, config_hash: str, metrics: dict, source_run: str, base_model: str | None) -> dict:
+def adapter_meta(*, base_fingerprint: str, lora_cfg, target_modules: list[str], config_hash: str, metrics: dict, source_run: str,
+                 base_model: str | None) -> dict:
     """The metadata the registry and the server read next to a PEFT folder."""
     return {
         "base_fingerprint": base_fingerprint,
         "base_model": base_model,
         "rank": lora_cfg.rank,
         "alpha": lora_cfg.alpha,
-        "target_modules": list(lora_cfg.target_modules),
+        "target_modules": list(target_modules),
         "config_hash": config_hash,
         "metrics": metrics,
         "source_run": source_run,
@@ -73,13 +74,14 @@ def checkpoint_to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     ZeRO-3 keeps each rank's parameter shard in its own file; DeepSpeed's zero_to_fp32 merges them.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from rayllm.model import _auto_class
     from rayllm.train.checkpoint import TAG
 
     ckpt, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(ckpt / "hf")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
     if list((ckpt / TAG).glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -87,7 +89,9 @@ def checkpoint_to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     else:  # ZeRO stage 0: the model states file holds the whole module
         state = torch.load(ckpt / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    # tied weights (lm_head, T5's per-stack embeddings) are one tensor saved under its first name
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"{ckpt} is not a full-weight checkpoint of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = out_dir.with_name(out_dir.name + ".tmp")

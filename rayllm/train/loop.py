@@ -70,7 +70,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_model(model_cfg, train_cfg, tokenizer, base_dir: str | None, dtype: str, ds_config: dict):
+def make_model(model_cfg, train_cfg, tokenizer, base_dir: str | None, dtype: str, ds_config: dict, device=None):
     """The model, already sharded under ZeRO-3: while an HfDeepSpeedConfig is alive, transformers
     builds or loads it straight into shards (zero.Init). Without that every worker would first
     hold the whole model, which is what ZeRO-3 is there to avoid."""
@@ -84,7 +84,8 @@ def make_model(model_cfg, train_cfg, tokenizer, base_dir: str | None, dtype: str
         deepspeed.init_distributed(dist_backend="nccl" if train_cfg.use_gpu else "gloo")
         make_model.hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference
     if base_dir:
-        model = load_model(base_dir, dtype, model_cfg.attn_implementation)
+        model = load_model(base_dir, dtype, model_cfg.attn_implementation, model_cfg.quantization, device,
+                           train_cfg.gradient_checkpointing)
     else:
         model = build_model(model_cfg, tokenizer, dtype, seed=train_cfg.seed)
     if train_cfg.gradient_checkpointing:
@@ -95,12 +96,28 @@ def make_model(model_cfg, train_cfg, tokenizer, base_dir: str | None, dtype: str
 
 
 def micro_loss(engine, batch: dict, device):
-    """Summed next-token cross-entropy of one micro-batch (fp32), and the logits' shift done here."""
+    """Summed next-token cross-entropy of one micro-batch (fp32). Causal LM: labels are aligned with
+    the inputs, the shift is done here. Seq2seq: the decoder inputs are already the shifted labels."""
     import torch.nn.functional as F
 
     batch = {k: v.to(device) for k, v in batch.items()}
+    if "decoder_input_ids" in batch:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        decoder_input_ids=batch["decoder_input_ids"]).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
     logits = engine(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def read_splits(dataset: str, hf_config):
+    """(train, val) as the model consumes them: packed rows, or encoder-decoder examples from them."""
+    train, val = PackedSplit.read(dataset, "train"), PackedSplit.read(dataset, "val")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        from rayllm.train.seq2seq import Seq2SeqSplit
+
+        ids = hf_config.pad_token_id, hf_config.decoder_start_token_id
+        return Seq2SeqSplit(train, *ids), Seq2SeqSplit(val, *ids)
+    return train, val
 
 
 def evaluate(engine, val: PackedSplit, n_micro: int, micro: int, rank: int, world: int, masking: bool, device) -> tuple[float, float]:
@@ -165,7 +182,7 @@ def train_func(config: dict) -> None:
     import torch
 
     from rayllm.config import ModelConfig, TrainConfig
-    from rayllm.model import base_fingerprint, count_trainable, load_tokenizer
+    from rayllm.model import base_fingerprint, count_4bit_modules, count_trainable, load_tokenizer, lora_targets
     from rayllm.train.batching import Batching
     from rayllm.train.zero import deepspeed_config
 
@@ -183,7 +200,7 @@ def train_func(config: dict) -> None:
     nodes = worker_nodes()
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     ds_config = deepspeed_config(tcfg, b, dtype, config["planned_trainable_params"])
-    model = make_model(mcfg, tcfg, tokenizer, config["base_dir"], dtype, ds_config)
+    model = make_model(mcfg, tcfg, tokenizer, config["base_dir"], dtype, ds_config, device)
     trainable, total_params = count_trainable(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, tcfg.weight_decay),
@@ -191,7 +208,7 @@ def train_func(config: dict) -> None:
     )
     lora = mcfg.lora is not None
     hf_config = model.get_base_model().config if lora else model.config
-    train, val = PackedSplit.read(config["dataset"], "train"), PackedSplit.read(config["dataset"], "val")
+    train, val = read_splits(config["dataset"], hf_config)
     order = StreamOrder(len(train), tcfg.seed)
     eval_micro = config["eval_micro_batches"]
 
@@ -204,7 +221,7 @@ def train_func(config: dict) -> None:
         store.start_fresh()
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
-             "total_params": total_params, "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
+             "total_params": total_params, "quantized_modules": count_4bit_modules(model), "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
     if rank == 0:
         say(f"rank 0: {dtype}, {trainable:,}/{total_params:,} trainable params, start at step {state.step}, "
             f"{world} workers on {len(set(nodes))} node(s)")
@@ -278,6 +295,7 @@ def train_func(config: dict) -> None:
         if lora:
             fingerprint = config["base_fingerprint"] or base_fingerprint(hf_config, tokenizer)
             meta = export.adapter_meta(base_fingerprint=fingerprint, lora_cfg=mcfg.lora, config_hash=config["config_hash"],
+                                       target_modules=lora_targets(mcfg.lora, hf_config.to_dict()),
                                        metrics=final, source_run=store.location, base_model=config["base_dir"])
             export.save_adapter(engine, run_dir / "adapter", meta)
             out["adapter_dir"] = store.where("adapter")

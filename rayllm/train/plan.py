@@ -10,6 +10,7 @@ at once), N workers, p bytes per weight (2 for bf16/fp16, 4 for fp32). Model sta
     2     | p(Ψ+F)               | pΨ/N (0 if offloaded) | 16Ψ/N
     3     | p(Ψ+F)/N + 2pL       | — (in the fp32 grads) | 16Ψ/N        (params to host with offload_param)
 
+A QLoRA base (quant_bits 4) keeps F's linear weights in NF4, about 0.52 bytes each, not p.
 With p = 2 and F = 0 these are exactly DeepSpeed's `estimate_zero2/3_model_states_mem_needs`
 (device: 2Ψ + 18Ψ/N for ZeRO-2, 4L + 18Ψ/N for ZeRO-3; host per node with the buffer factor 1).
 DeepSpeed keeps an fp32 master copy even when training in fp32, so 16Ψ/N holds at p = 4 as well.
@@ -39,6 +40,7 @@ class Shape:
     kv_dim: int
     intermediate_size: int
     vocab_size: int
+    embedding_params: int = 0  # input embeddings and an untied LM head: never quantized
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Settings:
     use_gpu: bool = False
     bucket: int = 50_000_000
     accum: int = 1
+    quant_bits: int = 0  # 4: a QLoRA base, its frozen linear layers in NF4
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,42 @@ def llama_shape(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, v
     lora = layers * sum(lora_rank * (i + o) for name, (i, o) in dims.items() if name in lora_targets)
     largest = max([vocab * hidden] + [i * o for i, o in dims.values()])
     return Shape(total_params=base + lora, trainable_params=lora if lora_rank else base, largest_layer_params=largest,
-                 num_layers=layers, hidden_size=hidden, q_dim=q_dim, kv_dim=kv_dim, intermediate_size=ffn, vocab_size=vocab)
+                 num_layers=layers, hidden_size=hidden, q_dim=q_dim, kv_dim=kv_dim, intermediate_size=ffn, vocab_size=vocab,
+                 embedding_params=vocab * hidden * (1 if tied else 2))
+
+
+def t5_shape(d_model: int, d_kv: int, d_ff: int, heads: int, enc_layers: int, dec_layers: int, vocab: int, tied: bool,
+             gated: bool, buckets: int = 32, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> Shape:
+    """Parameter counts of a T5 encoder-decoder: per encoder block self-attention + MLP, per decoder
+    block self-attention + cross-attention + MLP; one relative position bias per stack; a shared
+    embedding (and an LM head unless tied). Activations are sized as enc + dec layers of width d_model."""
+    inner = heads * d_kv
+    attn = {"q": (d_model, inner), "k": (d_model, inner), "v": (d_model, inner), "o": (inner, d_model)}
+    mlp = {"wi_0": (d_model, d_ff), "wi_1": (d_model, d_ff), "wo": (d_ff, d_model)} if gated else {"wi": (d_model, d_ff), "wo": (d_ff, d_model)}
+
+    def count(dims: dict, rank: int = 0) -> int:
+        return sum((rank * (i + o) if rank else i * o) for name, (i, o) in dims.items() if not rank or name in lora_targets)
+
+    base = (vocab * d_model + enc_layers * (count(attn) + count(mlp) + 2 * d_model)
+            + dec_layers * (2 * count(attn) + count(mlp) + 3 * d_model) + 2 * (buckets * heads + d_model)
+            + (0 if tied else vocab * d_model))
+    lora = (enc_layers * (count(attn, lora_rank) + count(mlp, lora_rank))
+            + dec_layers * (2 * count(attn, lora_rank) + count(mlp, lora_rank))) if lora_rank else 0
+    largest = max([vocab * d_model] + [i * o for i, o in {**attn, **mlp}.values()])
+    return Shape(total_params=base + lora, trainable_params=lora if lora_rank else base, largest_layer_params=largest,
+                 num_layers=enc_layers + dec_layers, hidden_size=d_model, q_dim=inner, kv_dim=inner, intermediate_size=d_ff,
+                 vocab_size=vocab, embedding_params=vocab * d_model * (1 if tied else 2))
 
 
 def shape_from_hf(config: dict, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> Shape:
-    """The Shape of an HF Llama-family config.json."""
+    """The Shape of an HF config.json: the Llama family, or T5 (model_type t5 / mt5)."""
+    if config.get("model_type") in ("t5", "mt5"):
+        return t5_shape(
+            config["d_model"], config["d_kv"], config["d_ff"], config["num_heads"], config["num_layers"],
+            config.get("num_decoder_layers") or config["num_layers"], config["vocab_size"], config.get("tie_word_embeddings", True),
+            str(config.get("feed_forward_proj", "relu")).startswith("gated"), config.get("relative_attention_num_buckets", 32),
+            lora_rank, lora_targets,
+        )
     return llama_shape(
         config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
         config.get("num_key_value_heads") or config["num_attention_heads"], config["intermediate_size"],
@@ -102,7 +136,9 @@ def model_states(shape: Shape, s: Settings) -> tuple[dict[str, float], dict[str,
     """(device, host) bytes per worker of params, grads and optimizer states (table above)."""
     psi, frozen, p, n = shape.trainable_params, shape.total_params - shape.trainable_params, s.dtype_bytes, s.workers
     device, host = {}, {}
-    if s.stage < 3:
+    if s.quant_bits and s.stage < 3:
+        device["params"] = p * psi + frozen_4bit_bytes(shape, p)
+    elif s.stage < 3:
         device["params"] = p * (psi + frozen)
     else:
         device["params"] = 2 * p * shape.largest_layer_params
@@ -116,6 +152,14 @@ def model_states(shape: Shape, s: Settings) -> tuple[dict[str, float], dict[str,
     else:
         (host if s.offload_optimizer else device)["optimizer"] = 16 * psi / n
     return device, host
+
+
+def frozen_4bit_bytes(shape: Shape, p: int) -> float:
+    """A QLoRA base: linear weights as NF4 with double-quantized scales (4 bits + 0.127 bits per
+    weight: an 8-bit absmax per 64 weights, an fp32 scale per 256 of those), embeddings in dtype."""
+    frozen = shape.total_params - shape.trainable_params
+    linear = max(frozen - shape.embedding_params, 0)
+    return linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (frozen - linear) * p
 
 
 def activation_bytes(shape: Shape, s: Settings) -> float:

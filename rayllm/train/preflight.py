@@ -15,6 +15,10 @@ from rayllm.train.data import read_manifest
 from rayllm.train.zero import bucket_elements
 
 
+# Test hook: lets the QLoRA path run on CPU (bitsandbytes' CPU backend) so CPU machines exercise it.
+QLORA_ON_CPU_ENV = "RAYLLM_QLORA_ON_CPU"
+
+
 @dataclass
 class Preflight:
     manifest: dict
@@ -65,14 +69,40 @@ def capacity_for(train_cfg, local: bool):
     return lambda workers: (device, host_total / workers if host_total else None)
 
 
-def _shape(model_cfg, base_dir: str | None, vocab: int) -> P.Shape:
-    lora = model_cfg.lora
-    rank, targets = (lora.rank, tuple(lora.target_modules)) if lora else (0, ())
+def hf_config_of(model_cfg, base_dir: str | None, tokenizer) -> dict:
+    """config.json of the base, or the HF config a new model of `model.arch` would get."""
+    from rayllm.model import new_model_config
+
     if base_dir:
-        return P.shape_from_hf(json.loads((Path(base_dir) / "config.json").read_text()), rank, targets)
-    m = model_cfg
-    return P.llama_shape(m.hidden_size, m.num_layers, m.num_heads, m.kv_heads, m.ffn_size, vocab, m.tie_word_embeddings,
-                         lora_rank=rank, lora_targets=targets)
+        return json.loads((Path(base_dir) / "config.json").read_text())
+    return new_model_config(model_cfg, tokenizer).to_dict()
+
+
+def _shape(model_cfg, hf_config: dict) -> P.Shape:
+    from rayllm.model import lora_targets
+
+    lora = model_cfg.lora
+    rank, targets = (lora.rank, tuple(lora_targets(lora, hf_config))) if lora else (0, ())
+    return P.shape_from_hf(hf_config, rank, targets)
+
+
+def _arch_problems(cfg, hf_config: dict, manifest: dict, problems: list[str]) -> None:
+    """Seq2seq needs prompt/answer data and a T5-family model; LoRA targets must exist in the model."""
+    from rayllm.model import SEQ2SEQ_TYPES, default_lora_targets, is_seq2seq
+
+    m = cfg.model
+    if is_seq2seq(hf_config):
+        if hf_config.get("model_type") not in SEQ2SEQ_TYPES:
+            problems.append(f"model.path: encoder-decoder model_type {hf_config.get('model_type')!r} is not supported; "
+                            f"seq2seq training takes {', '.join(SEQ2SEQ_TYPES)}")
+        if manifest.get("mode") != "sft":
+            problems.append(f"train.dataset: a seq2seq (encoder-decoder) model trains on prompt → answer pairs, but the dataset "
+                            f"was prepared with mode {manifest.get('mode')!r}; prepare it with data.mode: sft")
+    if m.lora is not None and m.lora.target_modules:
+        known = set(default_lora_targets(hf_config))
+        if not known & set(m.lora.target_modules):
+            problems.append(f"model.lora.target_modules: none of {m.lora.target_modules} is a projection of this "
+                            f"{hf_config.get('model_type')} model; use some of {sorted(known)} (or leave it empty for all)")
 
 
 def _model_problems(cfg, cap: str, problems: list[str]) -> str:
@@ -81,11 +111,16 @@ def _model_problems(cfg, cap: str, problems: list[str]) -> str:
 
     m, t = cfg.model, cfg.train
     if m.quantization == "4bit":
-        if not t.use_gpu:
-            problems.append("model.quantization: 4bit (QLoRA) needs a GPU (bitsandbytes NF4 kernels are CUDA-only); "
-                            "on CPU set quantization: none and keep the lora section (plain LoRA)")
-        else:
-            problems.append("model.quantization: 4bit (QLoRA) is not supported by this version yet; set quantization: none (plain LoRA)")
+        import importlib.util
+
+        if not t.use_gpu and os.environ.get(QLORA_ON_CPU_ENV) != "1":
+            problems.append("model.quantization: 4bit (QLoRA) is for GPU training (train.use_gpu: true): it exists to fit a "
+                            "large base into GPU memory; on CPU set quantization: none and keep the lora section (plain LoRA)")
+        if t.zero_stage == 3:
+            problems.append("model.quantization: 4bit with train.zero_stage 3: ZeRO-3 would shard the packed 4-bit weights and "
+                            "lose their quantization state; the frozen 4-bit base is small, use zero_stage 2 (LoRA states sharded)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("model.quantization: 4bit needs the bitsandbytes package: pip install bitsandbytes (in rayllm[gpu])")
     if m.dtype == "float16" and not t.use_gpu:
         problems.append("model.dtype: float16 is not supported on CPU; use auto or float32")
     import torch
@@ -141,17 +176,21 @@ def preflight(cfg, address: str | None = None) -> Preflight:
         key = "the base model's max_position_embeddings" if base_dir else "model.max_position_embeddings"
         problems.append(f"the dataset's seq_len ({seq_len}) exceeds {key} ({max_pos}); "
                         + ("prepare with a smaller data.seq_len" if base_dir else "raise model.max_position_embeddings"))
+    hf_config = hf_config_of(m, base_dir, tokenizer) if base_dir or m.path is None else None
+    if hf_config is not None:
+        _arch_problems(cfg, hf_config, manifest, problems)
     b = batching(t, seq_len)
     problems += check_batching(b, splits["train"]["sequences"], splits["val"]["sequences"])
     if problems:
         raise ConfigError("config", problems)
 
-    shape = _shape(m, base_dir, len(tokenizer))
+    shape = _shape(m, hf_config)
     settings = P.Settings(
         stage=t.zero_stage, workers=t.num_workers, micro_batch=t.micro_batch_size, seq_len=seq_len,
         dtype_bytes=4 if dtype == "float32" else 2, offload_optimizer=t.offload_optimizer != "none",
         offload_param=t.offload_param != "none", gradient_checkpointing=t.gradient_checkpointing, use_gpu=t.use_gpu,
         bucket=bucket_elements(t, shape.trainable_params), accum=t.gradient_accumulation_steps,
+        quant_bits=4 if m.quantization == "4bit" else 0,
     )
     local = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     capacity = capacity_for(t, local)(t.num_workers)
@@ -193,8 +232,9 @@ def describe(pre: Preflight, cfg, with_deepspeed: bool = False) -> str:
         ds = P.deepspeed_model_states(sh, s16)
         dev, host = P.model_states(sh, s16)
         host = f", host {gib(ds[1])} per node (ours {gib(sum(host.values()) * s.workers)})" if s.offload_optimizer else ""
+        caveat = " (it assumes every parameter trains: not comparable for LoRA)" if sh.trainable_params < sh.total_params else ""
         lines.append(f"DeepSpeed's estimator at 16-bit weights, model states: device {gib(ds[0])} per worker "
-                     f"(ours {gib(sum(dev.values()))}){host}")
+                     f"(ours {gib(sum(dev.values()))}){host}{caveat}")
     if not pre.fits:
         found = P.suggestions(sh, s, capacity_for(t, pre.local))
         lines.append("would fit: " + ("; ".join(found) if found else "nothing nearby — a smaller model, more or larger machines"))
