@@ -43,6 +43,11 @@ class TrainConfig(Section):
     nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload (GPU machines only).")
     bucket_size: int | None = Field(None, ge=10_000, description="DeepSpeed reduce/all-gather bucket in elements; empty: trainable params, capped at 50M.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 1/3 more compute.")
+    ingest: Literal["ray_data", "files"] = Field(
+        "ray_data", description="How the prepared shards reach the workers: ray_data — Ray Data reads them (0.25-CPU read tasks) and streams "
+                                "each split into every worker at start; files — each worker reads the parquet files itself with pyarrow. "
+                                "Same rows and order either way."
+    )
     document_masking: bool = Field(True, description="Packed sequences: restart positions and mask attention at each document start (from doc_ids).")
     memory_per_worker_gib: float | None = Field(None, gt=0, description="Memory the plan may use per worker; empty: GPU memory, or on CPU the free RAM / num_workers.")
     eval_every: int = Field(50, ge=1, description="Validation loss/perplexity every N steps, at every checkpoint and at the end (TrainingArguments: eval_steps).")

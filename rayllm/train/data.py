@@ -1,9 +1,12 @@
 """Prepared shards → micro-batches, with a data position that is one integer.
 
-Every worker reads the split's parquet shards itself with pyarrow (no Ray Data: on 2 cores, Data
-tasks beside 2 train workers can starve, and exact resume would need its iterator state). The
-order is a seeded permutation per epoch over an endless stream, so global batch number `cursor`
-is the same sequences on any run, after any restart: the checkpoint stores `cursor` and nothing else.
+The shards reach every worker whole, in file order: streamed in by Ray Data (`train.ingest:
+ray_data`, the dataset given to the TorchTrainer unsplit, order preserved) or read by the worker
+itself with pyarrow (`files`). Both give the same arrays. The order is then a seeded permutation
+per epoch over an endless stream, so global batch number `cursor` is the same sequences on any
+run, after any restart: the checkpoint stores `cursor` and nothing else. (Ray Data's
+streaming_split hands out blocks first come, first served, so a split's rows would differ between
+runs and a resumed run could not find its place.)
 
 Each worker holds the split's token ids in memory (int32, 3 arrays of sequences × seq_len): fine up
 to a few hundred million tokens per node; beyond that, memory-map the shards instead.
@@ -30,6 +33,19 @@ def read_manifest(dataset_dir: str | Path) -> dict:
     return manifest
 
 
+COLUMNS = ("input_ids", "labels", "doc_ids")
+
+
+def shard_files(dataset_dir: str | Path, split: str, manifest: dict | None = None) -> list[Path]:
+    """A split's parquet shards in the order that defines its row numbers."""
+    manifest = manifest or read_manifest(dataset_dir)
+    folder = Path(dataset_dir) / manifest["splits"][split]["path"]
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet shards in {folder}")
+    return files
+
+
 def positions_from_doc_ids(doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position_ids restarting at 0 at each document start, mask of document starts) for [B, L] doc ids."""
     idx = np.arange(doc_ids.shape[1])
@@ -49,22 +65,33 @@ class PackedSplit:
 
     @classmethod
     def read(cls, dataset_dir: str | Path, split: str) -> "PackedSplit":
+        """The split read straight from its parquet files (`train.ingest: files`)."""
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         manifest = read_manifest(dataset_dir)
-        folder = Path(dataset_dir) / manifest["splits"][split]["path"]
-        files = sorted(folder.glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no parquet shards in {folder}")
-        table = pa.concat_tables(pq.read_table(f, columns=["input_ids", "labels", "doc_ids"]) for f in files)
-        seq_len = manifest["seq_len"]
+        files = shard_files(dataset_dir, split, manifest)
+        table = pa.concat_tables(pq.read_table(f, columns=list(COLUMNS)) for f in files)
+        return cls.from_table(table, manifest["seq_len"], str(files[0].parent))
+
+    @classmethod
+    def from_ray(cls, shard, seq_len: int, what: str) -> "PackedSplit":
+        """The split as Ray Data streams it into this worker (a DataIterator over the whole split)."""
+        import pyarrow as pa
+
+        tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+        if not tables:
+            raise ValueError(f"{what}: Ray Data delivered no rows")
+        return cls.from_table(pa.concat_tables(tables).select(list(COLUMNS)), seq_len, what)
+
+    @classmethod
+    def from_table(cls, table, seq_len: int, what: str) -> "PackedSplit":
+        import pyarrow.compute as pc
 
         def matrix(name: str) -> np.ndarray:
             flat = pc.list_flatten(table.column(name)).to_numpy()
             if flat.size != table.num_rows * seq_len:
-                raise ValueError(f"{folder}: column {name} is not {table.num_rows} rows × seq_len {seq_len}")
+                raise ValueError(f"{what}: column {name} is not {table.num_rows} rows × seq_len {seq_len}")
             return flat.astype(np.int32, copy=False).reshape(table.num_rows, seq_len)
 
         return cls(matrix("input_ids"), matrix("labels"), matrix("doc_ids"))

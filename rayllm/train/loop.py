@@ -109,9 +109,15 @@ def micro_loss(engine, batch: dict, device):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
-def read_splits(dataset: str, hf_config):
-    """(train, val) as the model consumes them: packed rows, or encoder-decoder examples from them."""
-    train, val = PackedSplit.read(dataset, "train"), PackedSplit.read(dataset, "val")
+def read_splits(ingest: str, dataset: str, seq_len: int, hf_config):
+    """(train, val) as the model consumes them: packed rows, or encoder-decoder examples from them.
+    The rows arrive through Ray Data (the trainer's datasets) or straight from the parquet files."""
+    if ingest == "ray_data":
+        import ray.train
+
+        train, val = (PackedSplit.from_ray(ray.train.get_dataset_shard(s), seq_len, f"{dataset} {s}") for s in ("train", "val"))
+    else:
+        train, val = PackedSplit.read(dataset, "train"), PackedSplit.read(dataset, "val")
     if getattr(hf_config, "is_encoder_decoder", False):
         from rayllm.train.seq2seq import Seq2SeqSplit
 
@@ -208,7 +214,7 @@ def train_func(config: dict) -> None:
     )
     lora = mcfg.lora is not None
     hf_config = model.get_base_model().config if lora else model.config
-    train, val = read_splits(config["dataset"], hf_config)
+    train, val = read_splits(tcfg.ingest, config["dataset"], b.seq_len, hf_config)
     order = StreamOrder(len(train), tcfg.seed)
     eval_micro = config["eval_micro_batches"]
 
@@ -259,7 +265,7 @@ def train_func(config: dict) -> None:
             tps = tokens_since / max(time.perf_counter() - t_log - paused, 1e-9)  # evals and saves excluded
             record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": engine.get_global_grad_norm(), "tokens_per_s": tps, "tokens_seen": state.tokens_seen,
-                      "cursor": state.cursor, "batch_crc": zlib.crc32(idx.tobytes()), "peak_mem_gib": peak_memory_gib(tcfg.use_gpu)}
+                      "cursor": state.cursor, "batch_crc": zlib.crc32(getattr(train, "rows", train).input_ids[idx].tobytes()), "peak_mem_gib": peak_memory_gib(tcfg.use_gpu)}
             if (u := mfu(tps, flops_token, peak, world)) is not None:
                 record["mfu"] = u
             record = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}

@@ -52,6 +52,28 @@ def loop_config(cfg, pre: Preflight, run: RunStore) -> dict:
     }
 
 
+READ_TASK_CPUS = 0.25  # Ray Data read tasks: fit beside 2 workers × 0.5 CPU (and a sweep's trial) on 2 cores
+
+
+def ingest(train_cfg) -> dict:
+    """TorchTrainer `datasets` and `dataset_config` for `train.ingest: ray_data`: each split read by
+    Ray Data in file order and handed to every worker whole, order preserved (see train/data.py)."""
+    if train_cfg.ingest != "ray_data":
+        return {}
+    import ray.data
+    from ray.train import DataConfig
+
+    from rayllm.train.data import COLUMNS, shard_files
+
+    dataset = Path(train_cfg.dataset).resolve()  # read tasks run in other processes, other working dirs
+    datasets = {split: ray.data.read_parquet([str(f) for f in shard_files(dataset, split)], columns=list(COLUMNS),
+                                             ray_remote_args={"num_cpus": READ_TASK_CPUS})
+                for split in ("train", "val")}
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=options)}
+
+
 def build_trainer(cfg, pre: Preflight, run: RunStore, callbacks: Sequence[Any] = ()):
     """Workers, resources, checkpoint retention and failure restarts from the train section. The
     run's name and storage path are its folder, so building it again resumes it (Ray Train V2)."""
@@ -64,6 +86,7 @@ def build_trainer(cfg, pre: Preflight, run: RunStore, callbacks: Sequence[Any] =
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_func,
+        **ingest(t),
         train_loop_config=loop_config(cfg, pre, run),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
