@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "plan": ("train", "Estimate per-worker memory for the train config and say whether it fits."),
     "sweep": ("tune", "Sweep learning rates with Ray Tune + ASHA; publish the best adapter."),
     "registry": (None, "Publish, list, show, promote, roll back and delete adapter versions."),
+    "export": (None, "Turn a training checkpoint into an HF folder, or merge a LoRA adapter into its base."),
     "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
     "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
 }
@@ -32,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "registry":
             p.add_argument("--config", help="Config file whose `registry` section names the registry root.")
             _add_registry_verbs(p)
+            continue
+        if verb == "export":
+            kinds = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
+            ck = kinds.add_parser("checkpoint", help="A full-weight checkpoint_* folder (any ZeRO stage) → HF folder (fp32 master weights).")
+            ck.add_argument("checkpoint", help="A run's checkpoint_NNNNNNN folder.")
+            ck.add_argument("out", help="Output HF folder.")
+            mg = kinds.add_parser("merge", help="A LoRA adapter folder folded into its base → HF folder.")
+            mg.add_argument("adapter", help="Adapter folder (PEFT + rayllm_adapter.json).")
+            mg.add_argument("out", help="Output HF folder.")
+            mg.add_argument("--base", default=None, help="Base model folder (default: base_model in rayllm_adapter.json).")
             continue
         if verb == "demo":
             p.add_argument("--workdir", default="runs/demo", help="Where the demo writes its corpus, runs and registry.")
@@ -87,6 +98,25 @@ def _run_verb(verb: str, cfg: RayllmConfig, args: argparse.Namespace) -> int:
     raise SystemExit(f"rayllm: unknown verb {verb}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rayllm.train import export
+
+    if args.export_kind == "checkpoint":
+        print(f"rayllm: wrote {export.checkpoint_to_hf(args.checkpoint, args.out)}")
+        return 0
+    base = args.base
+    meta = Path(args.adapter) / export.ADAPTER_META
+    if base is None and meta.is_file():
+        base = json.loads(meta.read_text()).get("base_model")
+    if not base:
+        raise ConfigError(args.adapter, ["export merge: the adapter names no base_model; pass --base BASE_FOLDER"])
+    print(f"rayllm: wrote {export.merge_lora(base, args.adapter, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "address", None) is None and os.environ.get("RAY_ADDRESS"):
@@ -96,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             from rayllm.demo import main as demo_main
 
             return demo_main(args)
+        if args.verb == "export":
+            return _export(args)
         if args.verb == "registry":
             from rayllm.registry.cli import run
 

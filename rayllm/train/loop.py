@@ -227,7 +227,8 @@ def train_func(config: dict) -> None:
         store.start_fresh()
     log = MetricsLog(run_dir, rank == 0, tcfg.report_to, config.get("wandb"), resume_step=state.step)
     log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
-             "total_params": total_params, "quantized_modules": count_4bit_modules(model), "resumed": found is not None, "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
+             "total_params": total_params, "quantized_modules": count_4bit_modules(model), "resumed": found is not None,
+             "cpu_capability": config["cpu_capability"], "worker_nodes": nodes})
     if rank == 0:
         say(f"rank 0: {dtype}, {trainable:,}/{total_params:,} trainable params, start at step {state.step}, "
             f"{world} workers on {len(set(nodes))} node(s)")
@@ -265,7 +266,8 @@ def train_func(config: dict) -> None:
             tps = tokens_since / max(time.perf_counter() - t_log - paused, 1e-9)  # evals and saves excluded
             record = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": engine.get_global_grad_norm(), "tokens_per_s": tps, "tokens_seen": state.tokens_seen,
-                      "cursor": state.cursor, "batch_crc": zlib.crc32(getattr(train, "rows", train).input_ids[idx].tobytes()), "peak_mem_gib": peak_memory_gib(tcfg.use_gpu)}
+                      "cursor": state.cursor, "batch_crc": zlib.crc32(getattr(train, "rows", train).input_ids[idx].tobytes()),
+                      "peak_mem_gib": peak_memory_gib(tcfg.use_gpu)}
             if (u := mfu(tps, flops_token, peak, world)) is not None:
                 record["mfu"] = u
             record = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}

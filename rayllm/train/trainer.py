@@ -55,9 +55,19 @@ def loop_config(cfg, pre: Preflight, run: RunStore) -> dict:
 READ_TASK_CPUS = 0.25  # Ray Data read tasks: fit beside 2 workers × 0.5 CPU (and a sweep's trial) on 2 cores
 
 
+def _read_shards(batch, columns: list[str]):
+    """One Ray Data task: the parquet shards named in `batch` as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables(pq.read_table(path, columns=columns) for path in batch["path"].to_pylist())
+
+
 def ingest(train_cfg) -> dict:
     """TorchTrainer `datasets` and `dataset_config` for `train.ingest: ray_data`: each split read by
-    Ray Data in file order and handed to every worker whole, order preserved (see train/data.py)."""
+    Ray Data tasks, a shard per task in file order, and handed to every worker whole, order
+    preserved (see train/data.py). Not `read_parquet`: its file-listing task asks for a whole CPU,
+    which no node has free when half-CPU workers share 1-CPU nodes (the ingest would wait forever)."""
     if train_cfg.ingest != "ray_data":
         return {}
     import ray.data
@@ -66,9 +76,11 @@ def ingest(train_cfg) -> dict:
     from rayllm.train.data import COLUMNS, shard_files
 
     dataset = Path(train_cfg.dataset).resolve()  # read tasks run in other processes, other working dirs
-    datasets = {split: ray.data.read_parquet([str(f) for f in shard_files(dataset, split)], columns=list(COLUMNS),
-                                             ray_remote_args={"num_cpus": READ_TASK_CPUS})
-                for split in ("train", "val")}
+    datasets = {}
+    for split in ("train", "val"):
+        files = [str(f) for f in shard_files(dataset, split)]
+        datasets[split] = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+            _read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": list(COLUMNS)}, num_cpus=READ_TASK_CPUS)
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=options)}
