@@ -44,7 +44,7 @@ class TrainConfig(Section):
     bucket_size: int | None = Field(None, ge=10_000, description="DeepSpeed reduce/all-gather bucket in elements; empty: trainable params, capped at 50M.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 1/3 more compute.")
     ingest: Literal["ray_data", "files"] = Field(
-        "ray_data", description="How the prepared shards reach the workers: ray_data — Ray Data reads them (0.25-CPU read tasks) and streams "
+        "ray_data", description="How the prepared shards reach the workers: ray_data — Ray Data reads them (read tasks reserving no CPU) and streams "
                                 "each split into every worker at start; files — each worker reads the parquet files itself with pyarrow. "
                                 "Same rows and order either way."
     )

@@ -52,7 +52,9 @@ def loop_config(cfg, pre: Preflight, run: RunStore) -> dict:
     }
 
 
-READ_TASK_CPUS = 0.25  # Ray Data read tasks: fit beside 2 workers × 0.5 CPU (and a sweep's trial) on 2 cores
+# Ray Data read tasks reserve no CPU: they run once, before the first step, while the workers wait
+# for them; any reservation could wait forever when the workers hold every CPU of their nodes.
+READ_TASK_CPUS = 0
 
 
 def _read_shards(batch, columns: list[str]):
@@ -67,7 +69,7 @@ def ingest(train_cfg) -> dict:
     """TorchTrainer `datasets` and `dataset_config` for `train.ingest: ray_data`: each split read by
     Ray Data tasks, a shard per task in file order, and handed to every worker whole, order
     preserved (see train/data.py). Not `read_parquet`: its file-listing task asks for a whole CPU,
-    which no node has free when half-CPU workers share 1-CPU nodes (the ingest would wait forever)."""
+    which no node has free when the workers hold their nodes' CPUs (the ingest would wait forever)."""
     if train_cfg.ingest != "ray_data":
         return {}
     import ray.data
