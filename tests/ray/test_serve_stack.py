@@ -287,9 +287,13 @@ def test_alias_split_and_promote_without_restart(stack):
         w.start()
     try:
         time.sleep(1.0)
+        # A request may resolve the alias while promote() is still returning: what finished before
+        # the call began must be v1, what finished a settle time after it returned must be v2.
+        promoting = time.monotonic()
         stack.registry.promote("a:canary", 2)  # what `rayllm registry promote a:canary v2` does
         promoted = time.monotonic()
         time.sleep(3.0)
+        rolling_back = time.monotonic()
         stack.registry.rollback("a:canary")
         rolled_back = time.monotonic()
         time.sleep(3.0)
@@ -299,8 +303,8 @@ def test_alias_split_and_promote_without_restart(stack):
             w.join(60)
     assert errors == []
     settle = 1.5  # registry_refresh_s is 0.5
-    assert {v for t, v in seen if t < promoted} == {"a@v1"}
-    assert {v for t, v in seen if promoted + settle < t < rolled_back} == {"a@v2"}
+    assert {v for t, v in seen if t < promoting} == {"a@v1"}
+    assert {v for t, v in seen if promoted + settle < t < rolling_back} == {"a@v2"}
     assert {v for t, v in seen if t > rolled_back + settle} == {"a@v1"}
 
 
