@@ -104,15 +104,26 @@ def _export(args: argparse.Namespace) -> int:
 
     from rayllm.train import export
 
+    def refuse(message: str) -> int:
+        print(f"rayllm: export {args.export_kind}: {message}", file=sys.stderr)
+        return 2
+
     if args.export_kind == "checkpoint":
+        if not (Path(args.checkpoint) / "hf" / "config.json").is_file():
+            return refuse(f"{args.checkpoint} is not a rayllm checkpoint folder (no hf/config.json); "
+                          "give a run's checkpoint_NNNNNNN folder")
         print(f"rayllm: wrote {export.checkpoint_to_hf(args.checkpoint, args.out)}")
         return 0
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        return refuse(f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
     base = args.base
     meta = Path(args.adapter) / export.ADAPTER_META
     if base is None and meta.is_file():
         base = json.loads(meta.read_text()).get("base_model")
     if not base:
-        raise ConfigError(args.adapter, ["export merge: the adapter names no base_model; pass --base BASE_FOLDER"])
+        return refuse("the adapter names no base_model; pass --base BASE_FOLDER")
+    if not (Path(base) / "config.json").is_file():
+        return refuse(f"base {base} is not an HF model folder (no config.json); pass --base BASE_FOLDER")
     print(f"rayllm: wrote {export.merge_lora(base, args.adapter, args.out)}")
     return 0
 

@@ -37,3 +37,11 @@ def test_export_merge_folds_the_adapter_into_the_base(tmp_path, capsys):
     (adapter_dir / "rayllm_adapter.json").write_text("{}")
     assert main(["export", "merge", str(adapter_dir), str(tmp_path / "again")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_export_names_what_is_wrong_with_its_arguments(tmp_path, capsys):
+    assert main(["export", "checkpoint", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "not a rayllm checkpoint folder" in capsys.readouterr().err
+    assert main(["export", "merge", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a PEFT adapter folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
