@@ -2,7 +2,9 @@
 
 Each node is a `ray start --block` process with its own ports, so ending that process ends
 exactly its node (never a blanket `ray stop`: other clusters may share the machine). Ray 2.60
-turns on token authentication for started clusters: every CLI call runs with RAY_AUTH_MODE=token.
+turns on token authentication for started clusters: every CLI call runs with RAY_AUTH_MODE=token
+and the cluster's own token in RAY_AUTH_TOKEN (a fresh machine has no ~/.ray/auth_token, and
+`ray start --head` does not create one).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import shutil
@@ -44,7 +47,7 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         self.temp_dirs: list[str] = []
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
 
     @property
