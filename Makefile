@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/rayllm demo
 
 test: setup
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest tests --durations=15
 
 test-fast: setup
 	.venv/bin/python -m pytest tests/unit
