@@ -1,7 +1,11 @@
-"""Where the CPU went during a timed window: a thread that samples, once a second, the CPU time of
-every process under one root pid (a benchmark side and all it started: Ray's daemons, actors,
-workers, launcher) and the busy time of the whole machine, from /proc. On a shared machine this
-tells a clean measurement from one that other jobs squeezed."""
+"""Where the CPU went during a timed window, from /proc: the CPU time of every process under a set of
+root pids (the measured side: a benchmark's own process tree, with the Ray daemons, actors and
+workers, servers and launchers it started) and the busy time of the whole machine. What the machine
+spent beyond the measured side is the cores other jobs took: on a shared machine that tells a clean
+measurement from one that other jobs squeezed.
+
+A process of the side that exits inside the window is still counted: once its parent reaps it, its
+CPU time moves into the parent's cutime/cstime, and the side's total includes those fields."""
 
 from __future__ import annotations
 
@@ -9,13 +13,37 @@ import os
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _procs() -> dict[int, tuple[int, str, float]]:
-    """pid → (ppid, name, CPU seconds) of every process readable now."""
+@dataclass(frozen=True)
+class Proc:
+    ppid: int
+    name: str
+    cpu: float  # own user + system CPU seconds
+    reaped: float  # CPU seconds of children it has waited for (cutime + cstime)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float
+    busy: float  # busy CPU seconds of the whole machine since boot
+    procs: dict[int, Proc] = field(repr=False)
+
+
+def _name(comm: str, cmd: list[bytes]) -> str:
+    if comm.startswith("python") and len(cmd) > 1:  # name Python processes by script or module
+        args = [a.decode(errors="replace") for a in cmd[1:] if a and a != b"-u"]
+        if args:
+            return "python " + (" ".join(args[:2]) if args[0] == "-m" else Path(args[0]).name)
+    return comm
+
+
+def _procs() -> dict[int, Proc]:
+    """Every process readable now."""
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -26,61 +54,89 @@ def _procs() -> dict[int, tuple[int, str, float]]:
         except OSError:
             continue
         comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        name = comm
-        if comm.startswith("python") and len(cmd) > 1:  # name Python processes by script or module
-            args = [a.decode(errors="replace") for a in cmd[1:] if a and a != b"-u"]
-            name = "python " + (" ".join(args[:2]) if args[0] == "-m" else Path(args[0]).name)
-        out[int(d.name)] = (int(rest[1]), name, (int(rest[11]) + int(rest[12])) / TICK)
+        out[int(d.name)] = Proc(int(rest[1]), _name(comm, cmd), (int(rest[11]) + int(rest[12])) / TICK,
+                                (int(rest[13]) + int(rest[14])) / TICK)
     return out
 
 
 def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine since boot (all but idle and iowait)."""
+    """Busy CPU seconds of the whole machine since boot: user, nice, system, irq, softirq (not idle,
+    iowait, or steal, which is time the hypervisor gave to other machines)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+    return sum(fields[i] for i in (0, 1, 2, 5, 6)) / TICK
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(time.time(), machine_busy(), _procs())
+
+
+def tree(procs: dict[int, Proc], roots: tuple[int, ...]) -> set[int]:
+    children = defaultdict(list)
+    for pid, p in procs.items():
+        children[p.ppid].append(pid)
+    found, todo = set(), [r for r in roots if r in procs]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children[pid]
+    return found
+
+
+def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int = 0) -> dict:
+    """Cores used between two snapshots: `side` by the trees under `roots`, `others` by everything
+    else on the machine (`others_top`: the busiest other processes, named); with `ranks` > 0 also the
+    `ranks` busiest processes of the side (training ranks) and the rest of the side (`own_other`,
+    `own_other_top`)."""
+    span = max(after.time - before.time, 1e-9)
+    side_before, side_after = tree(before.procs, roots), tree(after.procs, roots)
+
+    def total(snap: Snapshot, pids: set[int]) -> float:
+        return sum(snap.procs[p].cpu + snap.procs[p].reaped for p in pids)
+
+    side = max(0.0, total(after, side_after) - total(before, side_before))
+
+    def delta(pid: int) -> float:
+        p, q = after.procs[pid], before.procs.get(pid)
+        return p.cpu - (q.cpu if q and q.name == p.name else 0.0)
+
+    own = sorted(((after.procs[p].name, delta(p)) for p in side_after), key=lambda v: -v[1])
+    named = defaultdict(float)
+    for pid in after.procs.keys() - side_after:
+        if pid in before.procs:
+            named[after.procs[pid].name] += delta(pid) / span
+    out = {"seconds": span, "side": side / span, "others": max(0.0, (after.busy - before.busy - side) / span),
+           "others_top": sorted(((n, v) for n, v in named.items() if v >= 0.005), key=lambda kv: -kv[1])[:3]}
+    if ranks:
+        rest = defaultdict(float)
+        for name, cpu in own[ranks:]:
+            rest[name] += cpu / span
+        out["ranks"] = sum(cpu for _, cpu in own[:ranks]) / span
+        out["own_other"] = max(0.0, out["side"] - out["ranks"])
+        out["own_other_top"] = sorted(rest.items(), key=lambda kv: -kv[1])[:5]
+    return out
 
 
 class TreeSampler(threading.Thread):
-    def __init__(self, root: int, period: float = 1.0):
-        super().__init__(daemon=True)
-        self.root, self.period, self.samples = root, period, []
-        self._stop_event = threading.Event()
+    """Snapshots every `period` s, for windows whose ends are known only afterwards (timestamps a
+    subprocess logged); `usage(t0, t1)` uses the snapshots around [t0, t1]."""
 
-    def sample(self) -> None:
-        procs = _procs()
-        children = defaultdict(list)
-        for pid, (ppid, _, _) in procs.items():
-            children[ppid].append(pid)
-        tree, todo = {}, [self.root]
-        while todo:
-            pid = todo.pop()
-            if pid in procs:
-                tree[pid] = procs[pid][1:]
-                todo += children[pid]
-        self.samples.append((time.time(), machine_busy(), tree))
+    def __init__(self, roots: tuple[int, ...] = (os.getpid(),), period: float = 1.0):
+        super().__init__(daemon=True)
+        self.roots, self.period, self.samples = roots, period, []
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.sample()
+            self.samples.append(snapshot())
             self._stop_event.wait(self.period)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+        self.samples.append(snapshot())
 
-    def usage(self, t0: float, t1: float, ranks: int = 2) -> dict:
-        """Cores used between the samples around [t0, t1]: by the `ranks` busiest processes of the
-        tree (the training ranks), by the rest of the tree (named, busiest first), and by everything
-        else on the machine."""
-        before = max((s for s in self.samples if s[0] <= t0), key=lambda s: s[0], default=self.samples[0])
-        after = min((s for s in self.samples if s[0] >= t1), key=lambda s: s[0], default=self.samples[-1])
-        span = max(after[0] - before[0], 1e-9)
-        delta = {pid: (name, cpu - before[2].get(pid, (name, 0.0))[1]) for pid, (name, cpu) in after[2].items()}
-        busiest = sorted(delta.values(), key=lambda v: -v[1])
-        others = defaultdict(float)
-        for name, cpu in busiest[ranks:]:
-            others[name] += cpu / span
-        tree = sum(cpu for _, cpu in busiest)
-        return {"ranks": sum(cpu for _, cpu in busiest[:ranks]) / span, "own_other": (tree - sum(c for _, c in busiest[:ranks])) / span,
-                "own_other_top": sorted(others.items(), key=lambda kv: -kv[1])[:5],
-                "rest_of_machine": (after[1] - before[1] - tree) / span}
+    def usage(self, t0: float, t1: float, ranks: int = 0) -> dict:
+        before = max((s for s in self.samples if s.time <= t0), key=lambda s: s.time, default=self.samples[0])
+        after = min((s for s in self.samples if s.time >= t1), key=lambda s: s.time, default=self.samples[-1])
+        return usage(before, after, self.roots, ranks)

@@ -5,9 +5,12 @@ on PyPI), same 8k byte-level BPE, side by side in one run:
   (a) limit:  tokenizers' encode_batch over all documents in one process (its own thread pool), no packing
   (b) datasets.map(batched=True, num_proc=2) tokenizing, then the same packing
   (c) rayllm: documents in the object store -> PretrainTokenizePack actor pool -> materialized packed rows
-Prints tokens/s of each and the ratios c/b and c/a, with the CPU capability.
+The three sides alternate for `--rounds` rounds. Each timed side is guarded (_quiet.py): it waits
+(up to --wait-quiet s) for a quiet machine, and the cores other processes used during it are
+printed beside its tokens/s with the CPU capability; a round where others used more than 0.25 core
+in any window is contended, and the ratios c/b and c/a come from clean rounds only.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--mib 64] [--seq-len 512]
+    .venv/bin/python benchmarks/data_pipeline.py [--mib 64] [--seq-len 512] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from _quiet import WAIT_LIMIT, cpu_capability, note, ratio, window
 
 
 def build_corpus(path: Path, mib: int, seed: int = 0) -> int:
@@ -37,16 +43,18 @@ def build_corpus(path: Path, mib: int, seed: int = 0) -> int:
     return len(docs)
 
 
-def bench_limit(docs: list[str], tokenizer_json: str) -> tuple[float, int]:
+def bench_limit(docs: list[str], tokenizer_json: str, wait: float):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_json)
-    start = time.perf_counter()
-    n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(docs, add_special_tokens=False))
-    return time.perf_counter() - start, n
+    with window(wait) as w:
+        start = time.perf_counter()
+        n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(docs, add_special_tokens=False))
+        elapsed = time.perf_counter() - start
+    return w, elapsed, n
 
 
-def bench_datasets(parquet: str, tokenizer_dir: str, seq_len: int, cache: str) -> tuple[float, int]:
+def bench_datasets(parquet: str, tokenizer_dir: str, seq_len: int, cache: str, wait: float):
     import datasets
     import numpy as np
 
@@ -66,13 +74,14 @@ def bench_datasets(parquet: str, tokenizer_dir: str, seq_len: int, cache: str) -
         p = pack([np.concatenate((np.asarray(x, dtype=np.int32), eos)) for x in ids], seq_len, _TOK.pad_token_id)
         return {"input_ids": p.input_ids, "labels": p.labels, "doc_ids": p.doc_ids, "n_tokens": p.n_tokens}
 
-    start = time.perf_counter()
-    out = ds.map(tok_pack, batched=True, batch_size=2048, num_proc=2, remove_columns=["content"], load_from_cache_file=False)
-    elapsed = time.perf_counter() - start
-    return elapsed, int(np.asarray(out["n_tokens"]).sum())
+    with window(wait) as w:
+        start = time.perf_counter()
+        out = ds.map(tok_pack, batched=True, batch_size=2048, num_proc=2, remove_columns=["content"], load_from_cache_file=False)
+        elapsed = time.perf_counter() - start
+    return w, elapsed, int(np.asarray(out["n_tokens"]).sum())
 
 
-def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch_size: int) -> tuple[float, int]:
+def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch_size: int, wait: float):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -83,15 +92,18 @@ def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Documents in the object store first, as prepare hands them over (and as (a) and (b) hold them).
         docs = ray.data.read_parquet(parquet, override_num_blocks=4 * actors).materialize()
-        start = time.perf_counter()
-        ds = docs.map_batches(
-            PretrainTokenizePack,
-            fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "threads": max(1, os.cpu_count() // actors)},
-            batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=os.cpu_count() / actors,
-            batch_format="numpy",
-        ).materialize()
-        elapsed = time.perf_counter() - start
-        return elapsed, int(ds.sum("n_tokens"))
+        # Ray's processes are children of this one: the guard counts them as the measured side.
+        with window(wait) as w:
+            start = time.perf_counter()
+            ds = docs.map_batches(
+                PretrainTokenizePack,
+                fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len,
+                                       "threads": max(1, os.cpu_count() // actors)},
+                batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=os.cpu_count() / actors,
+                batch_format="numpy",
+            ).materialize()
+            elapsed = time.perf_counter() - start
+        return w, elapsed, int(ds.sum("n_tokens"))
     finally:
         ray.shutdown()
 
@@ -103,31 +115,50 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds; each runs (a), (b), (c) in turn (default 2).")
+    parser.add_argument("--wait-quiet", type=float, default=WAIT_LIMIT,
+                        help=f"Before each timed side, wait up to this many seconds for a quiet machine (default {WAIT_LIMIT:.0f}).")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
-    import torch
 
     from rayllm.config.data import TokenizerConfig
     from rayllm.data.tokenizer import train_tokenizer
 
+    cap = cpu_capability()
     work = Path(tempfile.mkdtemp(prefix="rayllm-bench-data-"))
-    parquet = work / "docs.parquet"
-    n_docs = build_corpus(parquet, args.mib)
-    docs = pq.read_table(parquet)["content"].to_pylist()
-    tok_dir = work / "tokenizer"
-    train_tokenizer(docs[:20000], TokenizerConfig(vocab_size=args.vocab), tok_dir)
-    print(f"corpus: {args.mib} MiB, {n_docs:,} documents; BPE vocab {args.vocab}; seq_len {args.seq_len}")
-    print(f"cpu: {os.cpu_count()} cores, torch cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    try:
+        parquet = work / "docs.parquet"
+        n_docs = build_corpus(parquet, args.mib)
+        docs = pq.read_table(parquet)["content"].to_pylist()
+        tok_dir = work / "tokenizer"
+        train_tokenizer(docs[:20000], TokenizerConfig(vocab_size=args.vocab), tok_dir)
+        print(f"corpus: {args.mib} MiB, {n_docs:,} documents; BPE vocab {args.vocab}; seq_len {args.seq_len}")
+        print(f"cpu: {os.cpu_count()} cores, torch cpu capability {cap}", flush=True)
 
-    ta, na = bench_limit(docs, str(tok_dir / "tokenizer.json"))
-    print(f"(a) tokenizers encode_batch, 1 process : {ta:7.1f} s  {na / ta:>12,.0f} tok/s  ({na:,} tokens)")
-    tb, nb = bench_datasets(str(parquet), str(tok_dir), args.seq_len, str(work / "hf-cache"))
-    print(f"(b) datasets.map num_proc=2 + packing  : {tb:7.1f} s  {nb / tb:>12,.0f} tok/s  ({nb:,} tokens)")
-    tc, nc = bench_ray(str(parquet), str(tok_dir), args.seq_len, args.actors, args.batch_size)
-    print(f"(c) rayllm Ray Data tokenize + pack    : {tc:7.1f} s  {nc / tc:>12,.0f} tok/s  ({nc:,} tokens)")
-    assert na == nb == nc, f"token counts differ: {na} {nb} {nc}"
-    print(f"ratios (tokens/s): c/b = {(nc / tc) / (nb / tb):.2f}   c/a = {(nc / tc) / (na / ta):.2f}")
+        sides = {
+            "a": ("tokenizers encode_batch, 1 process", lambda: bench_limit(docs, str(tok_dir / "tokenizer.json"), args.wait_quiet)),
+            "b": ("datasets.map num_proc=2 + packing", lambda: bench_datasets(str(parquet), str(tok_dir), args.seq_len,
+                                                                            str(work / "hf-cache"), args.wait_quiet)),
+            "c": ("rayllm Ray Data tokenize + pack", lambda: bench_ray(str(parquet), str(tok_dir), args.seq_len, args.actors,
+                                                                     args.batch_size, args.wait_quiet)),
+        }
+        figures = {k: [] for k in sides}
+        for i in range(args.rounds):
+            counts = {}
+            for key, (label, bench) in sides.items():
+                w, elapsed, n = bench()
+                counts[key] = n
+                f = w.figure(n / elapsed, seconds=elapsed)
+                figures[key].append(f)
+                print(f"round {i + 1} ({key}) {label:35s}: {elapsed:7.1f} s {f.value:>12,.0f} tok/s ({n:,} tokens); "
+                      f"{note(f, cap)}", flush=True)
+                shutil.rmtree(work / "hf-cache", ignore_errors=True)
+            assert len(set(counts.values())) == 1, f"token counts differ: {counts}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"ratios (tokens/s, CPU capability {cap}): c/b = {ratio(figures['c'], figures['b']).text()}   "
+          f"c/a = {ratio(figures['c'], figures['a']).text()}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ tokens/s and time to first token (p50/p99) and the rayllm/vLLM ratio; then adapt
 latency (load route, first request on a new version vs a warm one). Both servers run the
 rayllm vLLM plugin (it is installed in the environment): the CPU mixed-batch fix is a
 correctness fix, and a baseline without it answers adapter traffic wrongly.
+
+Every timed load is guarded (_quiet.py, shared by all benchmarks): it waits (up to --wait-quiet s)
+for a quiet machine, and the cores used by processes outside this benchmark's tree (which holds
+both servers and the Ray it starts) are printed beside each figure with the CPU capability. A
+round where others used more than 0.25 core in a window is contended; ratios come from clean
+rounds only (medians), and with none there is no ratio.
 """
 
 from __future__ import annotations
@@ -24,17 +30,17 @@ import sys
 import time
 from pathlib import Path
 
+from _quiet import WAIT_LIMIT, Figure, cpu_capability, note, ratio, window  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.ray.serve_fixtures import build_adapter, cached_world, free_port, serve_app  # noqa: E402
 
 
 def machine() -> str:
-    import torch
-
     from rayllm.model import bf16_supported
 
-    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 {'yes' if bf16_supported(False) else 'no'}, "
+    return (f"CPU capability {cpu_capability()}, bf16 {'yes' if bf16_supported(False) else 'no'}, "
             f"{os.cpu_count()} cores")
 
 
@@ -170,6 +176,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it, else fp32")
     ap.add_argument("--topologies", default="split,single", help="rayllm topologies to measure (serve.topology)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--wait-quiet", type=float, default=WAIT_LIMIT,
+                    help=f"before each timed load, wait up to this many seconds for a quiet machine (default {WAIT_LIMIT:.0f})")
     args = ap.parse_args()
 
     from rayllm.config.serve import ServeConfig
@@ -194,16 +202,25 @@ def main() -> None:
     print(f"# {args.requests} streaming requests x {args.max_tokens} tokens, concurrency {args.concurrency}, "
           f"{args.rounds} alternating rounds; base-only vs {len(mixed)} adapters round-robin", flush=True)
 
+    cap = cpu_capability()
     results: dict[str, list[dict]] = {}
-
-    def record(server: str, traffic: str, r: dict) -> None:
-        results.setdefault(f"{server}|{traffic}", []).append(r)
-        print(f"  {server:14s} {traffic:11s} {r['tok_s']:7.1f} tok/s  TTFT p50 {1000 * r['ttft_p50']:6.0f} ms  "
-              f"p99 {1000 * r['ttft_p99']:6.0f} ms  errors {r['errors']}", flush=True)
+    figures: dict[str, list[Figure]] = {}
 
     def bench(server: str, url: str) -> None:
         for traffic, models in (("base-only", ["base"]), ("8 adapters", mixed)):
-            record(server, traffic, asyncio.run(load(url, models, args.requests, args.max_tokens, args.concurrency, prompt)))
+            with window(args.wait_quiet) as w:
+                r = asyncio.run(load(url, models, args.requests, args.max_tokens, args.concurrency, prompt))
+            f = w.figure(r["tok_s"])
+            r.update(others=f.others, contended=f.contended)
+            results.setdefault(f"{server}|{traffic}", []).append(r)
+            figures.setdefault(f"{server}|{traffic}", []).append(f)
+            print(f"  {server:14s} {traffic:11s} {r['tok_s']:7.1f} tok/s  TTFT p50 {1000 * r['ttft_p50']:6.0f} ms  "
+                  f"p99 {1000 * r['ttft_p99']:6.0f} ms  errors {r['errors']}; {note(f, cap)}", flush=True)
+
+    def timed_hot(name: str, fn, *a) -> None:
+        with window(args.wait_quiet) as w:
+            out = fn(*a)
+        hot[name], hot_figs[name] = out, w.figure(0.0)
 
     registry_root = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-registry-{os.getpid()}"
     registry = Registry(str(registry_root))
@@ -213,44 +230,50 @@ def main() -> None:
                       replica_cpus=1)
     topologies = args.topologies.split(",")
     servers = ["vllm", *(f"rayllm-{t}" for t in topologies)]
-    hot = {}
+    hot, hot_figs = {}, {}
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}: plain vLLM", flush=True)
         with PlainVLLM(base, adapters, dtype, 8, 512) as plain:
             bench("vllm", plain.url)
             if rnd == 0:
-                hot["vllm"] = hot_load(plain.url, {}, adapters["x3"], prompt)
+                timed_hot("vllm", hot_load, plain.url, {}, adapters["x3"], prompt)
         for topology in topologies:
             name = f"rayllm-{topology}"
             print(f"round {rnd + 1}: {name}", flush=True)
             with serve_app(cfg.model_copy(update={"topology": topology}), str(registry_root), start_timeout_s=600) as url:
                 bench(name, url)
                 if rnd == 0:
-                    hot[name] = hot_load(url, {"authorization": "Bearer bench"}, adapters["x3"], prompt)
-                    hot[f"{name}-lazy"] = lazy_first_request(url, "fresh@v1", prompt)
+                    timed_hot(name, hot_load, url, {"authorization": "Bearer bench"}, adapters["x3"], prompt)
+                    timed_hot(f"{name}-lazy", lazy_first_request, url, "fresh@v1", prompt)
 
-    def mean(server: str, traffic: str, key: str) -> float:
-        return statistics.mean(x[key] for x in results[f"{server}|{traffic}"])
+    def clean_median(server: str, traffic: str, key: str, rounds: list[int]) -> str:
+        xs = results[f"{server}|{traffic}"]
+        return f"{1000 * statistics.median(xs[i][key] for i in rounds):.0f}" if rounds else "-"
 
-    print(f"\n## {model_name}, dtype {dtype}, {machine()}")
+    print(f"\n## {model_name}, dtype {dtype}, {machine()}; figures: medians over clean rounds (others <= 0.25 core)")
     print("| traffic | " + " | ".join(f"{s} tok/s" for s in servers) + " | " + " | ".join(f"{s}/vllm" for s in servers[1:])
           + " | " + " | ".join(f"{s} TTFT p50/p99 ms" for s in servers) + " |")
     print("|---" * (1 + 3 * len(servers) - 1) + "|")
     for traffic in ("base-only", "8 adapters"):
-        tok = [mean(s, traffic, "tok_s") for s in servers]
-        ttft = [f"{1000 * mean(s, traffic, 'ttft_p50'):.0f} / {1000 * mean(s, traffic, 'ttft_p99'):.0f}" for s in servers]
-        print(f"| {traffic} | " + " | ".join(f"{t:.1f}" for t in tok) + " | "
-              + " | ".join(f"**{t / tok[0]:.2f}**" for t in tok[1:]) + " | " + " | ".join(ttft) + " |")
+        figs = {s: figures[f"{s}|{traffic}"] for s in servers}
+        tok, ttft = [], []
+        for s in servers:
+            own = [i for i, f in enumerate(figs[s]) if not f.contended]
+            tok.append(f"{statistics.median(figs[s][i].value for i in own):.1f}" if own else "no clean round")
+            ttft.append(f"{clean_median(s, traffic, 'ttft_p50', own)} / {clean_median(s, traffic, 'ttft_p99', own)}")
+        ratios = [ratio(figs[s], figs["vllm"]).text() for s in servers[1:]]
+        print(f"| {traffic} | " + " | ".join(tok) + " | " + " | ".join(f"**{r}**" for r in ratios) + " | " + " | ".join(ttft) + " |")
     errors = sum(x["errors"] for xs in results.values() for x in xs)
-    print(f"errors: {errors}")
+    print(f"errors: {errors}; CPU capability {cap}")
     for server in servers:
-        ratio = mean(server, "8 adapters", "tok_s") / mean(server, "base-only", "tok_s")
-        h = hot[server]
-        print(f"{server}: 8-adapter traffic at {ratio:.2f}x of base-only; hot load: load route {1000 * h['load_s']:.0f} ms, "
-              f"first request {1000 * h['first_s']:.0f} ms, warm {1000 * h['warm_s']:.0f} ms (1 token)")
+        mixed_vs_base = ratio(figures[f"{server}|8 adapters"], figures[f"{server}|base-only"]).text()
+        h, f = hot[server], hot_figs[server]
+        print(f"{server}: 8-adapter traffic vs base-only: {mixed_vs_base}; hot load: load route {1000 * h['load_s']:.0f} ms, "
+              f"first request {1000 * h['first_s']:.0f} ms, warm {1000 * h['warm_s']:.0f} ms (1 token); {note(f, cap)}")
         if f"{server}-lazy" in hot:
-            first, warm = hot[f"{server}-lazy"]
-            print(f"{server}: lazy load, first request on registry version fresh@v1 {1000 * first:.0f} ms, warm {1000 * warm:.0f} ms")
+            (first, warm), f = hot[f"{server}-lazy"], hot_figs[f"{server}-lazy"]
+            print(f"{server}: lazy load, first request on registry version fresh@v1 {1000 * first:.0f} ms, warm {1000 * warm:.0f} ms; "
+                  f"{note(f, cap)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": model_name, "dtype": dtype, "machine": machine(),
                                               "results": results, "hot": hot}, indent=2))

@@ -20,14 +20,15 @@ the same two points). Evaluation and checkpointing fall outside that window on b
 evaluates and saves once, after the last step (eval_every = save_every = steps), the baseline not at
 all. Process wall time (start-up, Ray, DeepSpeed init, the final save/export) is printed beside it.
 
-The machine may be shared, so each run waits (up to --wait-quiet s) for other jobs to go quiet, and
-a sampler (_cpu_sampler.py) accounts the cores used in the timed window: by the two ranks, by the
-side's other processes (Ray's daemons and actors, the launcher) and by the rest of the machine.
-Tokens per rank CPU-second is printed too: it is blind to CPU taken by other processes, so it
-separates per-step work inside the ranks from competition for the cores.
+The machine may be shared, so every run is guarded (_quiet.py, shared by all benchmarks): it waits
+(up to --wait-quiet s) for other jobs to go quiet, and the cores used in the timed window are
+accounted: by the two ranks, by the side's other processes (Ray's daemons and actors, the launcher)
+and by processes outside this benchmark's tree ("others"). Tokens per rank CPU-second is printed
+too: it is blind to CPU taken by other processes, so it separates per-step work inside the ranks
+from competition for the cores.
 Sides alternate (baseline, rayllm, baseline, rayllm, ...) for `--repeats` rounds; the ratio is
-rayllm / baseline of the medians over the rounds in which other jobs used at most BUSY cores in
-both windows (all rounds, flagged, when there are none). Goal: ≥ 0.90.
+rayllm / baseline of the medians over the clean rounds (others used at most 0.25 core in both
+windows); with no clean round there is no ratio. Goal: ≥ 0.90.
 """
 
 from __future__ import annotations
@@ -44,19 +45,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import WAIT_LIMIT, Figure, cpu_capability, note, ratio, sampler, wait_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._cpu_sampler import TreeSampler, machine_busy  # noqa: E402
 
 PY = sys.executable
 GOAL = 0.90
-BUSY = 0.25  # cores other jobs may use during a timed window before a round counts as contended
-
-
-def cpu_capability() -> str:
-    import torch
-
-    return f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def machine() -> str:
@@ -66,7 +61,7 @@ def machine() -> str:
 
     from rayllm.model import resolve_dtype
 
-    return (f"{cpu_capability()}, dtype {resolve_dtype('auto', False)} (auto), {os.cpu_count()} cores; "
+    return (f"CPU capability {cpu_capability()}, dtype {resolve_dtype('auto', False)} (auto), {os.cpu_count()} cores; "
             f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}")
 
 
@@ -97,14 +92,15 @@ def setup(work: Path, steps: int, warmup: int) -> tuple[dict, dict]:
     return raw, loop_config(cfg, pre, run_dir)
 
 
-def run_logged(cmd: list[str], log: Path, env: dict, timeout: int) -> tuple[float, TreeSampler]:
-    """Run `cmd` in its own process group with output to `log`, sampling the CPU of its process tree;
+def run_logged(cmd: list[str], log: Path, env: dict, timeout: int):
+    """Run `cmd` in its own process group with output to `log`, sampling the CPU of this benchmark's
+    process tree (which holds `cmd` and everything it starts) and of the rest of the machine;
     (wall time, sampler). On timeout the group (only what this started) is ended."""
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
+        cpu = sampler()
+        cpu.start()
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -112,21 +108,10 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout: int) -> tuple[floa
             proc.wait(30)
             raise RuntimeError(f"{cmd[:4]} timed out after {timeout} s; see {log}")
         finally:
-            sampler.stop()
+            cpu.stop()
     if rc != 0:
         raise RuntimeError(f"{cmd[:4]} exited {rc}; see {log}")
-    return time.perf_counter() - t0, sampler
-
-
-def wait_quiet(limit: float, cores: float = 0.15) -> float:
-    """Wait (up to `limit` s) until the machine's busy time over 5 s is at most `cores`; seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < limit:
-        b0 = machine_busy()
-        time.sleep(5)
-        if (machine_busy() - b0) / 5 <= cores:
-            break
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu
 
 
 def side_baseline(work: Path, loop_cfg: dict, steps: int, warmup: int, i: int, timeout: int) -> dict:
@@ -137,9 +122,9 @@ def side_baseline(work: Path, loop_cfg: dict, steps: int, warmup: int, i: int, t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "2"}
     cmd = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "benchmarks/_ds_baseline.py", "--spec", str(spec)]
-    wall, sampler = run_logged(cmd, work / f"baseline-{i}.log", env, timeout)
+    wall, cpu = run_logged(cmd, work / f"baseline-{i}.log", env, timeout)
     r = json.loads(out.read_text())
-    return {**r, "wall_s": wall, "cpu": sampler.usage(r["t_start"], r["t_end"])}
+    return {**r, "wall_s": wall, "cpu": cpu.usage(r["t_start"], r["t_end"], ranks=2)}
 
 
 def side_rayllm(work: Path, raw: dict, steps: int, warmup: int, tokens_per_step: int, i: int, timeout: int) -> dict:
@@ -150,14 +135,14 @@ def side_rayllm(work: Path, raw: dict, steps: int, warmup: int, tokens_per_step:
     cfg_path.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "run_name": name}}, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
     env["RAY_worker_niceness"] = "0"
-    wall, sampler = run_logged([PY, "-m", "rayllm", "train", str(cfg_path)], work / f"{name}.log", env, timeout)
+    wall, cpu = run_logged([PY, "-m", "rayllm", "train", str(cfg_path)], work / f"{name}.log", env, timeout)
     records = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in records if r.get("event") == "start")
     at = {r["step"]: r for r in records if "tokens_per_s" in r}
     t0, t1 = at[warmup]["time"], at[steps]["time"]
     return {"tokens_per_s": (steps - warmup) * tokens_per_step / (t1 - t0), "seconds": t1 - t0, "dtype": start["dtype"],
             "world": start["world"], "loss_start": at[warmup]["loss"], "loss_end": at[steps]["loss"], "wall_s": wall,
-            "cpu": sampler.usage(t0, t1)}
+            "cpu": cpu.usage(t0, t1, ranks=2)}
 
 
 def main() -> int:
@@ -168,8 +153,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="12 steps, 4 warm-up, 1 round: checks that it works.")
     ap.add_argument("--workdir", default=None, help="Keep dataset, configs, runs and logs here (default: a temp dir, removed).")
     ap.add_argument("--timeout", type=int, default=900, help="Seconds allowed per run (default 900).")
-    ap.add_argument("--wait-quiet", type=float, default=120, help="Before each run, wait up to this many seconds for other "
-                    "jobs on the machine to go quiet (default 120; 0: never wait).")
+    ap.add_argument("--wait-quiet", type=float, default=WAIT_LIMIT, help="Before each run, wait up to this many seconds for "
+                    f"other jobs on the machine to go quiet (default {WAIT_LIMIT:.0f}; 0: never wait).")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.warmup, args.repeats = 12, 4, 1
@@ -190,10 +175,11 @@ def main() -> int:
           f"{b['seq_len']} tokens = {tokens_per_step:,} tokens/step; timing steps {args.warmup + 1}..{args.steps}; work dir {work}")
 
     runs: dict[str, list[dict]] = {"baseline": [], "rayllm": []}
+    figures: dict[str, list[Figure]] = {"baseline": [], "rayllm": []}
     try:
         for i in range(args.repeats):
             for side in ("baseline", "rayllm"):
-                waited = wait_quiet(args.wait_quiet)
+                waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
                 if side == "baseline":
                     r = side_baseline(work, loop_cfg, args.steps, args.warmup, i, args.timeout)
                 else:
@@ -201,36 +187,35 @@ def main() -> int:
                 c = r["cpu"]
                 r["per_rank_cpu_s"] = r["tokens_per_s"] / max(c["ranks"], 1e-9)
                 runs[side].append(r)
+                f = Figure(r["tokens_per_s"], c["others"], waited, c["others_top"])
+                figures[side].append(f)
                 top = ", ".join(f"{n} {v:.2f}" for n, v in c["own_other_top"] if v >= 0.005) or "-"
                 print(f"[train_overhead] round {i + 1} {side:8s}: {r['tokens_per_s']:8,.0f} tok/s ({r['seconds']:.1f} s timed, "
-                      f"{r['wall_s']:.0f} s process wall, waited {waited:.0f} s for a quiet machine), {cap}, dtype {r['dtype']}, "
-                      f"loss at step {args.warmup} → {args.steps}: {r['loss_start']:.3f} → {r['loss_end']:.3f}\n"
+                      f"{r['wall_s']:.0f} s process wall), dtype {r['dtype']}, loss at step {args.warmup} → {args.steps}: "
+                      f"{r['loss_start']:.3f} → {r['loss_end']:.3f}; {note(f, cap)}\n"
                       f"    cores in the window: ranks {c['ranks']:.2f} ({r['per_rank_cpu_s']:,.0f} tok per rank CPU-second), "
-                      f"the side's other processes {c['own_other']:.2f} ({top}), rest of the machine {c['rest_of_machine']:.2f}",
+                      f"the side's other processes {c['own_other']:.2f} ({top}), others {c['others']:.2f}",
                       flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
     dtypes = ", ".join(sorted({r["dtype"] for rs in runs.values() for r in rs}))
-    pairs = list(zip(runs["baseline"], runs["rayllm"]))
-    clean = [i for i, pair in enumerate(pairs) if max(r["cpu"]["rest_of_machine"] for r in pair) <= BUSY]
-    used = clean or list(range(len(pairs)))
-    med = {side: statistics.median(runs[side][i]["tokens_per_s"] for i in used) for side in runs}
-    ratio = med["rayllm"] / med["baseline"]
+    r = ratio(figures["rayllm"], figures["baseline"])
     print(f"\n[train_overhead] {where}")
-    print(f"[train_overhead] dtype used: {dtypes}; baseline launcher: deepspeed --num_accelerators 2; rounds where other jobs "
-          f"used <= {BUSY} cores during both windows: {[i + 1 for i in clean] or 'none'}")
+    print(f"[train_overhead] dtype used: {dtypes}; baseline launcher: deepspeed --num_accelerators 2; clean rounds (others "
+          f"used <= 0.25 core in both windows): {[i + 1 for i in r.clean] or 'none'}")
     for side in ("baseline", "rayllm"):
-        each = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs[side])
-        eff = statistics.median(runs[side][i]["per_rank_cpu_s"] for i in used)
-        wall = statistics.median(r["wall_s"] for r in runs[side])
-        print(f"[train_overhead] {side:8s}: median {med[side]:8,.0f} tok/s (all runs: {each}); {eff:,.0f} tok per rank CPU-second; "
-              f"process wall median {wall:.0f} s; {cap}, dtype {dtypes}")
-    per_round = ", ".join(f"{a['tokens_per_s'] / b_['tokens_per_s']:.2f}" for b_, a in pairs)
-    note = "" if clean else " (every round was contended by other jobs: treat this ratio as noise)"
-    print(f"[train_overhead] rayllm / baseline = {ratio:.2f}x over rounds {[i + 1 for i in used]} (per round: {per_round}); "
-          f"{cap}, dtype {dtypes}; goal >= {GOAL:.2f}x: {'met' if ratio >= GOAL else 'NOT met'}{note}")
+        each = ", ".join(f"{f.value:,.0f} ({'contended' if f.contended else 'clean'}, others {f.others:.2f})" for f in figures[side])
+        wall = statistics.median(x["wall_s"] for x in runs[side])
+        line = f"[train_overhead] {side:8s}: all runs {each}; process wall median {wall:.0f} s; CPU capability {cap}, dtype {dtypes}"
+        if r.clean:
+            med = statistics.median(figures[side][i].value for i in r.clean)
+            eff = statistics.median(runs[side][i]["per_rank_cpu_s"] for i in r.clean)
+            line += f"; clean median {med:,.0f} tok/s, {eff:,.0f} tok per rank CPU-second"
+        print(line)
+    verdict = "" if r.value is None else f"; goal >= {GOAL:.2f}x: {'met' if r.value >= GOAL else 'NOT met'}"
+    print(f"[train_overhead] rayllm / baseline = {r.text()}; CPU capability {cap}, dtype {dtypes}{verdict}")
     return 0
 
 
