@@ -14,6 +14,8 @@ import os
 import posixpath
 from typing import Any
 
+from rayllm.storage import is_uri
+
 ENV = "RAYLLM_STORAGE"
 KEYWORDS = {"smollm2", "botchan"}  # shorthand names, not paths
 
@@ -30,10 +32,6 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
 # may not resolve to an object-store URI.
 LOCAL_ONLY = {"data.output_dir", "data.tokenizer.path", "model.path", "train.dataset",
               "tune.output_dir", "serve.model", "serve.stage_dir"}  # serve.adapters folders may be remote URIs
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def resolve(root: str, value: str) -> str:

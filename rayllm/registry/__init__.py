@@ -1,23 +1,24 @@
 """Versioned adapter registry: immutable `name@vN` versions with checksums, weighted `name:alias` aliases.
 
 Deliberately light to import (fsspec, json, hashlib): serving and the CLI load it on every start.
+Modules depend one way: promotion → store → resolve (aliases) → names; files come from rayllm.storage.
 """
 
 from __future__ import annotations
 
-from rayllm.registry.names import InvalidNameError, Ref, RegistryError, parse_ref, validate_alias, validate_name
-from rayllm.registry.resolve import Alias, ResolvedAdapter, Target, pick, promote_if_better
+from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, validate_alias, validate_name
+from rayllm.registry.promotion import promote_if_better
+from rayllm.registry.resolve import Alias, ResolvedAdapter, Target, pick
 from rayllm.registry.store import Registry
 
 __all__ = [
+    "AdapterRef",
     "Alias",
     "InvalidNameError",
-    "Ref",
     "Registry",
     "RegistryError",
     "ResolvedAdapter",
     "Target",
-    "parse_ref",
     "pick",
     "promote_if_better",
     "validate_alias",

@@ -12,13 +12,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from rayllm.registry.names import RegistryError
-from rayllm.registry.resolve import Alias, promote_if_better
+from rayllm.registry.resolve import Alias
 from rayllm.registry.store import Registry
 
 if TYPE_CHECKING:
     from rayllm.config.registry import RegistryConfig
 
-__all__ = ["add_arguments", "promote_if_better", "run"]
+__all__ = ["add_arguments", "run"]
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -167,6 +167,8 @@ def copy_to_local(fs: AbstractFileSystem, src_dir: str, manifest: dict[str, Any]
                                     "the stored adapter was modified or corrupted")
         with open(f"{tmp}/{MANIFEST}", "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
+        if local_copy_matches(dest, manifest):
+            return  # an identical fetch (another replica sharing the cache folder) finished first: keep its copy
         if os.path.exists(dest):
             shutil.rmtree(dest)  # a stale or different version: replaced, never merged
         try:

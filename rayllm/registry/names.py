@@ -78,12 +78,66 @@ def parse_version(text: str | int) -> int:
 
 
 @dataclass(frozen=True)
-class Ref:
-    """A parsed ref: exactly one of `version` / `alias` is set, or neither (the newest version)."""
+class AdapterRef:
+    """What a user or a caller names: `name` (newest version), `name@vN` or `name:alias`.
+
+    The only way a ref is built (`of_version`, `of_alias`, `parse`) and printed (`str`): every
+    field is validated on construction, so a ref that exists is one the registry can store.
+    """
 
     name: str
     version: int | None = None
     alias: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.version is not None and self.alias is not None:
+            raise InvalidNameError(f"ref {self.name!r} has both a version and an alias; use name@vN or name:alias")
+        if self.version is not None:
+            object.__setattr__(self, "version", parse_version(self.version))
+        if self.alias is not None:
+            validate_alias(self.alias)
+
+    @classmethod
+    def of_version(cls, name: str, version: int | str) -> "AdapterRef":
+        """`name@vN`: one immutable version."""
+        return cls(name, version=parse_version(version))
+
+    @classmethod
+    def of_alias(cls, name: str, alias: str) -> "AdapterRef":
+        """`name:alias`: whatever the alias points at now."""
+        return cls(name, alias=alias)
+
+    @classmethod
+    def parse(cls, text: "str | AdapterRef") -> "AdapterRef":
+        """Parse `name`, `name@vN` or `name:alias`, raising with the part that is wrong (a ref passes through)."""
+        if isinstance(text, AdapterRef):
+            return text
+        if not isinstance(text, str) or not text:
+            raise InvalidNameError(f"ref {text!r} is empty; use name, name@vN or name:alias")
+        if "@" in text and ":" in text:
+            raise InvalidNameError(f"ref {text!r} has both '@' and ':'; use name@vN or name:alias, not both")
+        if "@" in text:
+            name, _, version = text.partition("@")
+            if "@" in version:
+                raise InvalidNameError(f"ref {text!r} has more than one '@'")
+            if not version.startswith("v"):
+                raise InvalidNameError(f"ref {text!r}: version {version!r} must be vN, e.g. {name}@v1")
+            return cls.of_version(name, version)
+        if ":" in text:
+            name, _, alias = text.partition(":")
+            if ":" in alias:
+                raise InvalidNameError(f"ref {text!r} has more than one ':'")
+            return cls.of_alias(name, alias)
+        return cls(text)
+
+    @classmethod
+    def parse_alias(cls, text: "str | AdapterRef") -> "AdapterRef":
+        """`name:alias` only; anything else is refused with an example of the right form."""
+        ref = cls.parse(text)
+        if ref.alias is None:
+            raise InvalidNameError(f"{text!r} is not an alias ref; use name:alias, e.g. {ref.name}:prod")
+        return ref
 
     def __str__(self) -> str:
         if self.version is not None:
@@ -91,37 +145,3 @@ class Ref:
         if self.alias is not None:
             return f"{self.name}:{self.alias}"
         return self.name
-
-
-def parse_ref(ref: str) -> Ref:
-    """Parse `name`, `name@vN` or `name:alias`, raising with the part that is wrong."""
-    if not isinstance(ref, str) or not ref:
-        raise InvalidNameError(f"ref {ref!r} is empty; use name, name@vN or name:alias")
-    if "@" in ref and ":" in ref:
-        raise InvalidNameError(f"ref {ref!r} has both '@' and ':'; use name@vN or name:alias, not both")
-    if "@" in ref:
-        name, _, version = ref.partition("@")
-        if "@" in version:
-            raise InvalidNameError(f"ref {ref!r} has more than one '@'")
-        if not version.startswith("v"):
-            raise InvalidNameError(f"ref {ref!r}: version {version!r} must be vN, e.g. {name}@v1")
-        return Ref(validate_name(name), version=parse_version(version))
-    if ":" in ref:
-        name, _, alias = ref.partition(":")
-        if ":" in alias:
-            raise InvalidNameError(f"ref {ref!r} has more than one ':'")
-        return Ref(validate_name(name), alias=validate_alias(alias))
-    return Ref(validate_name(ref))
-
-
-def version_ref(name: str, version: int) -> str:
-    """The canonical string of one version, `name@vN`."""
-    return f"{validate_name(name)}@v{parse_version(version)}"
-
-
-def parse_alias_ref(ref: str) -> tuple[str, str]:
-    """`name:alias` -> (name, alias); anything else is refused with an example of the right form."""
-    r = parse_ref(ref)
-    if r.alias is None:
-        raise InvalidNameError(f"{ref!r} is not an alias ref; use name:alias, e.g. {r.name}:prod")
-    return r.name, r.alias

@@ -12,12 +12,9 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-from rayllm.registry.names import InvalidNameError, RegistryError, parse_version, validate_alias, validate_name
-
-if TYPE_CHECKING:
-    from rayllm.registry.store import Registry
+from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, parse_version, validate_alias, validate_name
 
 HISTORY_LIMIT = 100  # alias files stay small: they are read on every resolve
 TargetSpec = Union[int, str, Mapping[Union[int, str], float], Sequence[Union[int, str, tuple[Union[int, str], float]]]]
@@ -43,7 +40,7 @@ class Alias:
 
     @property
     def ref(self) -> str:
-        return f"{self.name}:{self.alias}"
+        return str(AdapterRef.of_alias(self.name, self.alias))
 
     def shares(self) -> dict[int, float]:
         """Fraction of traffic per version (weights normalised to sum to 1)."""
@@ -133,37 +130,6 @@ def pick(targets: Sequence[Target], rng: random.Random | None = None) -> int:
     return targets[-1].version  # float rounding left x at ~0
 
 
-def promote_if_better(registry: "Registry", name: str, alias: str, version: int | str,
-                      metric: str = "val_loss", margin: float = 0.0, lower_is_better: bool = True) -> bool:
-    """Point `name:alias` at `version` when its metric beats the alias's current version by >= margin.
-
-    Sweeps call this after publishing their best trial. It never disturbs a weighted split
-    (a canary is a person's decision) and never promotes on a tie, so rerunning a sweep
-    that found nothing better leaves production alone. Returns whether the alias moved.
-    """
-    if margin < 0:
-        raise ValueError(f"margin {margin} is negative; use 0 or more")
-    ref = f"{validate_name(name)}:{validate_alias(alias)}"
-    version = parse_version(version)
-    new_value = registry.resolve(f"{name}@v{version}", verify=False).manifest.get("metrics", {}).get(metric)
-    if not isinstance(new_value, (int, float)) or not math.isfinite(new_value):
-        raise RegistryError(f"{name}@v{version} has no finite metric {metric!r} to compare; publish it with metrics")
-    current = registry.get_alias(ref)
-    if current is None:
-        registry.promote(ref, version)
-        return True
-    if len(current.targets) != 1 or current.targets[0].version == version:
-        return False
-    old_value = registry.resolve(f"{name}@v{current.targets[0].version}", verify=False).manifest.get("metrics", {}).get(metric)
-    if not isinstance(old_value, (int, float)) or not math.isfinite(old_value):
-        return False  # cannot tell which is better: leave the alias where a person put it
-    gain = (old_value - new_value) if lower_is_better else (new_value - old_value)
-    if gain > 0 and gain >= margin:
-        registry.promote(ref, version)
-        return True
-    return False
-
-
 @dataclass(frozen=True)
 class ResolvedAdapter:
     """One concrete version a ref resolved to: `path` is a local folder or an fsspec URL."""
@@ -175,4 +141,4 @@ class ResolvedAdapter:
 
     @property
     def ref(self) -> str:
-        return f"{self.name}@v{self.version}"
+        return str(AdapterRef.of_version(self.name, self.version))

@@ -24,11 +24,13 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from rayllm.registry.filesystems import url_to_fs
 from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, copy_to_local, copy_tree_hashed,
                                          local_copy_matches, read_json, write_json_atomic)
-from rayllm.registry.names import RegistryError, is_valid_name, parse_alias_ref, parse_ref, validate_name
-from rayllm.registry.resolve import Alias, ResolvedAdapter, TargetSpec, parse_targets, pick, targets_from_history
+from rayllm.registry.names import AdapterRef, RegistryError, is_valid_name, validate_name
+from rayllm.registry.resolve import Alias, ResolvedAdapter, Target, TargetSpec, parse_targets, pick, targets_from_history
+from rayllm.storage import url_to_fs
+
+RefLike = str | AdapterRef  # every method taking a ref takes the text a user typed or a parsed AdapterRef
 
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)(\.claim)?$")
 
@@ -113,7 +115,7 @@ class Registry:
         finally:
             if self.fs.exists(staging):
                 self.fs.rm(staging, recursive=True)
-        return f"{name}@v{version}"
+        return str(AdapterRef.of_version(name, version))
 
     def _claim(self, name: str, staging: str) -> int:
         """Take the next free version number with an exclusive create; on a lost race try the next."""
@@ -134,11 +136,11 @@ class Registry:
         data = read_json(self.fs, path, self.url(path))
         if data is None:
             known = ", ".join(f"v{v}" for v in self._numbers(name, committed=True)) or "none"
-            raise RegistryError(f"{name}@v{version} does not exist (committed versions: {known})")
+            raise RegistryError(f"{AdapterRef.of_version(name, version)} does not exist (committed versions: {known})")
         return data
 
     def _verify(self, name: str, version: int, manifest: dict[str, Any]) -> None:
-        vdir, where = self._vdir(name, version), f"{name}@v{version}"
+        vdir, where = self._vdir(name, version), str(AdapterRef.of_version(name, version))
         present = {p[len(vdir) + 1:] for p in self.fs.find(vdir)} - {MANIFEST}
         extra = sorted(present - set(manifest["files"]))
         if extra:
@@ -146,41 +148,46 @@ class Registry:
         for rel, expected in manifest["files"].items():
             check_file(self.fs, f"{vdir}/{rel}", rel, expected, where)
 
-    def resolve(self, ref: str, rng: random.Random | None = None, verify: bool = True) -> ResolvedAdapter:
+    def targets(self, ref: RefLike) -> tuple[Target, ...]:
+        """The version(s) `ref` means now: an alias's weighted targets, the one version, or the newest.
+
+        Serving caches this per ref for `serve.registry_refresh_s` and picks per request.
+        """
+        r = AdapterRef.parse(ref)
+        self._fresh()
+        if r.alias is not None:
+            return self._alias_or_raise(r.name, r.alias).targets
+        if r.version is not None:
+            return (Target(r.version),)
+        committed = self._numbers(r.name, committed=True)
+        if not committed:
+            raise RegistryError(f"no published versions of {r.name!r}")
+        return (Target(committed[-1]),)
+
+    def resolve(self, ref: RefLike, rng: random.Random | None = None, verify: bool = True) -> ResolvedAdapter:
         """`name@vN` -> that version, `name` -> the newest, `name:alias` -> a weighted pick.
 
-        Checksums are verified by default; a server resolving per request may pass
-        verify=False once it has fetched (and so verified) the version.
+        Checksums are verified by default; verify=False is for reading a manifest (listing,
+        comparing metrics), never for handing the files to a model.
         """
-        r = parse_ref(ref)
-        self._fresh()
+        r = AdapterRef.parse(ref)
         for attempt in range(3):
-            if r.alias is not None:
-                alias = self._alias_or_raise(r.name, r.alias)
-                version = pick(alias.targets, rng)
-            elif r.version is not None:
-                version = r.version
-            else:
-                committed = self._numbers(r.name, committed=True)
-                if not committed:
-                    raise RegistryError(f"no published versions of {r.name!r}")
-                version = committed[-1]
+            version = pick(self.targets(r), rng)
             try:
                 manifest = self._committed_manifest(r.name, version)
                 break
             except RegistryError:
                 if r.version is not None or attempt == 2:
                     raise
-                self._fresh()  # the alias or newest version moved under us: read again
+                # the alias or newest version moved under us: read again (targets() refreshes)
         if verify:
             self._verify(r.name, version, manifest)
         return ResolvedAdapter(r.name, version, self.url(self._vdir(r.name, version)), manifest)
 
-    def fetch(self, ref: str, local_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
+    def fetch(self, ref: RefLike, local_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
         """Copy a version into a local folder (vLLM loads folders), verifying every byte copied.
 
-        A folder that already holds this exact version is reused, so serving can call this
-        on every adapter load and only pay for the download once.
+        A folder that already holds this exact version is reused, so a fetch is paid once.
         """
         resolved = self.resolve(ref, rng=rng, verify=False)
         dest = os.path.abspath(str(local_dir))
@@ -188,27 +195,29 @@ class Registry:
             copy_to_local(self.fs, self._vdir(resolved.name, resolved.version), resolved.manifest, dest, resolved.ref)
         return ResolvedAdapter(resolved.name, resolved.version, dest, resolved.manifest)
 
-    def localize(self, ref: str, cache_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
-        """A verified local folder for `ref`: the version itself on a local root, else a copy in cache_dir/name/vN."""
+    def localize(self, ref: RefLike, cache_dir: str, rng: random.Random | None = None) -> ResolvedAdapter:
+        """A verified local folder for `ref`: the version itself on a local root (re-hashed in place),
+        else a verified copy in `cache_dir/name/vN`. What serving hands to vLLM."""
         if self._local:
-            return self.resolve(ref, rng=rng)
+            return self.resolve(ref, rng=rng, verify=True)
         found = self.resolve(ref, rng=rng, verify=False)  # one weighted pick; fetch then names the exact version
         return self.fetch(found.ref, os.path.join(cache_dir, found.name, f"v{found.version}"))
 
     # -- aliases ----------------------------------------------------------------------------
-    def get_alias(self, alias_ref: str) -> Alias | None:
+    def get_alias(self, alias_ref: RefLike) -> Alias | None:
         """The alias `name:alias`, or None when it was never set."""
-        name, alias = parse_alias_ref(alias_ref)
+        r = AdapterRef.parse_alias(alias_ref)
+        name, alias = r.name, r.alias
         self._fresh()
         path = self._alias_path(name, alias)
         data = read_json(self.fs, path, self.url(path))
         return None if data is None else Alias.from_json(data, self.url(path))
 
     def _alias_or_raise(self, name: str, alias: str) -> Alias:
-        found = self.get_alias(f"{name}:{alias}")
+        found = self.get_alias(AdapterRef.of_alias(name, alias))
         if found is None:
             known = ", ".join(a.alias for a in self.aliases(name)) or "none"
-            raise RegistryError(f"alias {name}:{alias} does not exist (aliases of {name}: {known})")
+            raise RegistryError(f"alias {AdapterRef.of_alias(name, alias)} does not exist (aliases of {name}: {known})")
         return found
 
     def aliases(self, name: str) -> list[Alias]:
@@ -216,12 +225,13 @@ class Registry:
         adir = f"{self.root}/{validate_name(name)}/_aliases"
         self._fresh()
         paths = self.fs.glob(f"{adir}/*.json")
-        found = [self.get_alias(f"{name}:{_base(p)[:-5]}") for p in sorted(paths)]
+        found = [self.get_alias(AdapterRef.of_alias(name, _base(p)[:-5])) for p in sorted(paths)]
         return [a for a in found if a is not None]
 
-    def promote(self, alias_ref: str, targets: TargetSpec) -> Alias:
+    def promote(self, alias_ref: RefLike, targets: TargetSpec) -> Alias:
         """Point `name:alias` at one version (`3`, `"v3"`) or a weighted split (`{3: 90, 4: 10}`)."""
-        name, alias_name = parse_alias_ref(alias_ref)
+        r = AdapterRef.parse_alias(alias_ref)
+        name, alias_name = r.name, r.alias
         new = parse_targets(targets)
         self._fresh()
         for t in new:  # an alias may only ever name complete versions
@@ -232,12 +242,13 @@ class Registry:
         write_json_atomic(self.fs, self._alias_path(name, alias_name), alias.to_json(), self._local)
         return alias
 
-    def rollback(self, alias_ref: str) -> Alias:
+    def rollback(self, alias_ref: RefLike) -> Alias:
         """Return `name:alias` to the targets it had before its last promote."""
-        name, alias_name = parse_alias_ref(alias_ref)
+        r = AdapterRef.parse_alias(alias_ref)
+        name, alias_name = r.name, r.alias
         current = self._alias_or_raise(name, alias_name)
         if not current.history:
-            raise RegistryError(f"alias {alias_ref} has no earlier target to roll back to")
+            raise RegistryError(f"alias {r} has no earlier target to roll back to")
         path = self._alias_path(name, alias_name)
         previous = targets_from_history(current.history[-1], self.url(path))
         for t in previous:  # the earlier version may have been deleted since; say so instead of pointing at nothing
@@ -259,37 +270,37 @@ class Registry:
                     rows.append((ResolvedAdapter(n, v, self.url(self._vdir(n, v)), manifest), pointing))
         return rows
 
-    def show(self, ref: str, verify: bool = False) -> dict[str, Any]:
+    def show(self, ref: RefLike, verify: bool = False) -> dict[str, Any]:
         """Everything about one ref as plain data: an alias with its split and history, or a version.
 
         With verify=True every file of every version involved is re-hashed first.
         """
-        r = parse_ref(ref)
+        r = AdapterRef.parse(ref)
         if r.alias is not None:
             alias = self._alias_or_raise(r.name, r.alias)
             for t in alias.targets:
-                self.resolve(f"{r.name}@v{t.version}", verify=verify)
+                self.resolve(AdapterRef.of_version(r.name, t.version), verify=verify)
             shares = {f"v{v}": s for v, s in alias.shares().items()}
             return {"ref": alias.ref, "kind": "alias", "verified": verify, "shares": shares, **alias.to_json()}
-        found = self.resolve(ref, verify=verify)
+        found = self.resolve(r, verify=verify)
         pointing = [a.ref for a in self.aliases(r.name) if any(t.version == found.version for t in a.targets)]
         return {"ref": found.ref, "kind": "version", "verified": verify, "path": found.path,
                 "aliases": pointing, "manifest": found.manifest}
 
-    def delete(self, ref: str) -> None:
+    def delete(self, ref: RefLike) -> None:
         """Delete one version (`name@vN`, refused while an alias points at it) or one alias (`name:alias`)."""
-        r = parse_ref(ref)
+        r = AdapterRef.parse(ref)
         if r.alias is not None:
             path = self._alias_path(r.name, r.alias)
             self._alias_or_raise(r.name, r.alias)
             self.fs.rm(path)
             return
         if r.version is None:
-            raise RegistryError(f"delete needs one version or alias: {r.name}@vN or {r.name}:alias, not {ref!r}")
+            raise RegistryError(f"delete needs one version or alias: {r.name}@vN or {r.name}:alias, not {str(r)!r}")
         self._committed_manifest(r.name, r.version)
         for a in self.aliases(r.name):
             if any(t.version == r.version for t in a.targets):
-                raise RegistryError(f"{ref} is the target of alias {a.ref} ({a.describe()}); move the alias first")
+                raise RegistryError(f"{r} is the target of alias {a.ref} ({a.describe()}); move the alias first")
         vdir = self._vdir(r.name, r.version)
         self.fs.rm(f"{vdir}/{MANIFEST}")  # invisible first, then the files go
         self.fs.rm(vdir, recursive=True)

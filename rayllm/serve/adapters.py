@@ -18,7 +18,8 @@ import random
 import time
 from typing import Any
 
-from rayllm.registry.names import InvalidNameError, parse_ref, validate_name
+from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, validate_name
+from rayllm.registry.resolve import pick
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
 
@@ -77,7 +78,7 @@ class AdapterCatalog:
         if not isinstance(model, str):
             raise ServeError(400, "model must be a string", "model")
         try:
-            ref = parse_ref(model)
+            ref = AdapterRef.parse(model)
         except InvalidNameError as e:
             if any(bad in model for bad in ("/", "\\", "..")):  # looks like a path: say why it can never work
                 raise ServeError(400, f"invalid model name {model[:80]!r}: {e}", "model") from None
@@ -86,39 +87,28 @@ class AdapterCatalog:
             return self.folders[ref.name]
         if self.registry is None:
             raise self._not_found(model)
-        if ref.version is not None:
-            return await self._version(ref.name, ref.version, model)
-        if ref.alias is not None:
-            alias = self._cache.get(("alias", model))
-            if alias is None:
-                alias = self._cache.put(("alias", model), await asyncio.to_thread(self._get_alias, model))
-            if alias is False:
-                raise self._not_found(model)
-            from rayllm.registry.resolve import pick
-
-            return await self._version(ref.name, pick(alias.targets, self._rng), model)
-        newest = self._cache.get(("newest", ref.name))
-        if newest is None:
-            versions = await asyncio.to_thread(self.registry.versions, ref.name)
-            newest = self._cache.put(("newest", ref.name), versions[-1] if versions else 0)
-        if not newest:
+        targets = self._cache.get(ref)
+        if targets is None:  # an alias's split or the newest version, re-read every refresh_s
+            targets = self._cache.put(ref, await asyncio.to_thread(self._targets, ref))
+        if not targets:
             raise self._not_found(model)
-        return await self._version(ref.name, newest, model)
+        return await self._version(AdapterRef.of_version(ref.name, pick(targets, self._rng)), model)
 
-    def _get_alias(self, model: str) -> Any:
-        return self.registry.get_alias(model) or False
+    def _targets(self, ref: AdapterRef) -> tuple:
+        try:
+            return self.registry.targets(ref)
+        except RegistryError:
+            return ()  # cached like any answer: an unknown name is not looked up on every request
 
-    async def _version(self, name: str, version: int, asked: str) -> AdapterSpec:
-        ref = f"{name}@v{version}"
-        spec = self._versions.get(ref)
+    async def _version(self, ref: AdapterRef, asked: str) -> AdapterSpec:
+        """The spec of one immutable version; its manifest is read once (the replica verifies the files)."""
+        spec = self._versions.get(str(ref))
         if spec is None:
-            from rayllm.registry.names import RegistryError
-
             try:
                 resolved = await asyncio.to_thread(self.registry.resolve, ref, None, False)
             except RegistryError:
                 raise self._not_found(asked) from None
-            spec = self._versions[ref] = AdapterSpec(ref, resolved.path, registry_root=self.registry_root)
+            spec = self._versions[str(ref)] = AdapterSpec(str(ref), resolved.path, registry_root=self.registry_root)
         return spec
 
     def _not_found(self, model: str) -> ServeError:
@@ -162,5 +152,6 @@ class AdapterCatalog:
                                   "root": resolved.path, "adapter": name, "version": f"v{resolved.version}"})
                 for ref, a in sorted(aliases.items()):
                     cards.append({"id": ref, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
-                                  "adapter": name, "targets": {f"{name}@v{v}": share for v, share in a.shares().items()}})
+                                  "adapter": name, "targets": {str(AdapterRef.of_version(name, v)): share
+                                                                for v, share in a.shares().items()}})
         return cards

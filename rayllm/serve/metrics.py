@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rayllm.registry.names import AdapterRef
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 UNRESOLVED = "unresolved"
 
@@ -20,8 +22,8 @@ def split_served_name(name: str | None, base_name: str) -> tuple[str, str]:
         return base_name, "base"
     if name == UNRESOLVED:
         return UNRESOLVED, ""
-    adapter, _, version = name.partition("@")
-    return adapter, version or "folder"
+    ref = AdapterRef.parse(name)  # served names are refs the catalog built: name@vN, or a folder's plain name
+    return ref.name, "folder" if ref.version is None else f"v{ref.version}"
 
 
 class ServeMetrics:

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from rayllm.registry.names import AdapterRef, InvalidNameError
 from rayllm.serve.adapters import AdapterCatalog
 from rayllm.serve.auth import Keys, require_admin_key, require_api_key
 from rayllm.serve.errors import ServeError, from_validation_error, sse_error
@@ -167,12 +168,19 @@ def build_app(front: Frontend) -> FastAPI:
         if not isinstance(name, str) or not name:
             raise ServeError(400, "lora_name must be a non-empty string", "lora_name")
         folder = front.catalog.remove_folder(name)  # new requests stop resolving to it right away
-        if folder is None and "@" not in name:
+        if folder is None and not _is_version(name):  # a registry version is unloaded from the engine only
             raise ServeError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
         await front.backend.unload(name)  # returns once its in-flight requests finished
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     return app
+
+
+def _is_version(name: str) -> bool:
+    try:
+        return AdapterRef.parse(name).version is not None
+    except InvalidNameError:
+        return False
 
 
 async def _relay(front: Frontend, stream: Any, adapter: str, version: str, route: str, t0: float):

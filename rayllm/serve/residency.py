@@ -11,15 +11,14 @@ ever hand a request the other weights.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayllm.serve.compat import AdapterIncompatible, check_adapter
 from rayllm.serve.errors import ServeError
+from rayllm.serve.folders import AdapterFolders
 from rayllm.serve.protocol import AdapterSpec, Engine
 
 logger = logging.getLogger(__name__)
@@ -53,12 +52,13 @@ class Lease:
 
 class AdapterManager:
     def __init__(self, engine: Engine, *, slots: int, max_rank: int, base_fingerprint: str | None,
-                 stage_dir: str, drain_timeout_s: float = 120.0):
+                 stage_dir: str, registry_cache_dir: str | None = None, drain_timeout_s: float = 120.0):
         self.engine = engine
         self.slots = slots
         self.max_rank = max_rank
         self.base_fingerprint = base_fingerprint
         self.stage_dir = Path(stage_dir)
+        self.folders = AdapterFolders(stage_dir, registry_cache_dir)
         self.drain_timeout_s = drain_timeout_s
         self._entries: dict[tuple, _Entry] = {}  # insertion order = recency (LRU first)
         self._newest: dict[str, int] = {}  # name -> newest generation seen
@@ -119,7 +119,7 @@ class AdapterManager:
                 if pending:  # a stuck client must not block the new version forever; old goes on release
                     logger.warning("adapter %s: old version still busy after %.0fs, loading the new one anyway",
                                    spec.name, self.drain_timeout_s)
-            local = await asyncio.to_thread(self._materialize, spec)
+            local = await asyncio.to_thread(self.folders.local, spec)
             check_adapter(local, self.base_fingerprint, self.max_rank)
             await self._make_room()
             entry.path = self._stage(local, spec.name, entry.lora_id)
@@ -140,28 +140,6 @@ class AdapterManager:
         entry.removed = True
         if not entry.ready.done():
             entry.ready.set_exception(err)
-
-    def _materialize(self, spec: AdapterSpec) -> str:
-        """A local folder with the adapter's files (registry versions are fetched and verified)."""
-        if spec.registry_root is not None and "://" in spec.source:
-            from rayllm.registry.store import Registry
-
-            dest = self.stage_dir / "fetched" / spec.name.replace("@", "_")
-            return Registry(spec.registry_root).fetch(spec.name, str(dest)).path
-        if "://" in spec.source:
-            from rayllm.registry.filesystems import url_to_fs
-
-            digest = hashlib.sha256(f"{spec.source}#{spec.generation}".encode()).hexdigest()[:16]
-            dest = self.stage_dir / "downloaded" / digest
-            if not dest.is_dir():
-                fs, path = url_to_fs(spec.source)
-                tmp = f"{dest}.partial"
-                fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-                os.replace(tmp, dest)
-            return str(dest)
-        if not Path(spec.source).is_dir():
-            raise ServeError(404, f"adapter '{spec.name}': folder {spec.source} does not exist", "model")
-        return spec.source
 
     def _stage(self, local: str, name: str, lora_id: int) -> str:
         """A path unique to this load: vLLM keys cached prefix blocks by adapter name *and* path."""

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rayllm.config.storage import is_uri
+from rayllm.storage import is_uri
 
 
 class RunStore:
@@ -49,7 +49,7 @@ class RunStore:
         return f"{self.uri}/{name}" if self.uri else str(self.local / name)
 
     def _fs(self):
-        from rayllm.registry.filesystems import url_to_fs
+        from rayllm.storage import url_to_fs
 
         return url_to_fs(self.uri)
 
@@ -57,7 +57,7 @@ class RunStore:
         """Ray Train's RunConfig arguments that put the run's checkpoints where the run lives."""
         if self.uri is None:
             return {"name": self.run_name, "storage_path": str(self.local.parent)}
-        from rayllm.registry.filesystems import url_to_fs
+        from rayllm.storage import url_to_fs
 
         fs, root = url_to_fs(self.root_uri)
         arrow = getattr(fs, "fs", None)  # pyarrow's own filesystem behind fsspec's ArrowFSWrapper

@@ -180,8 +180,8 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float)
 
 
 def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
-    from rayllm.registry import Registry
-    from rayllm.registry.resolve import promote_if_better
+    from rayllm.registry import AdapterRef, Registry
+    from rayllm.registry.promotion import promote_if_better
 
     if not best.adapter_dir:
         print(f"sweep: best trial {best.trial} left no adapter; nothing published")
@@ -199,9 +199,9 @@ def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
         print(f"sweep: published {best.trial} as {ref}")
     out: dict[str, Any] = {"published": ref, "promoted": False}
     if cfg.tune.promote_alias:
-        version = int(ref.rsplit("@v", 1)[1])
+        version = AdapterRef.parse(ref).version
         out["promoted"] = promote_if_better(registry, cfg.tune.publish_as, cfg.tune.promote_alias, version,
                                             metric="val_loss", margin=cfg.tune.promote_margin)
-        alias = f"{cfg.tune.publish_as}:{cfg.tune.promote_alias}"
+        alias = AdapterRef.of_alias(cfg.tune.publish_as, cfg.tune.promote_alias)
         print(f"sweep: {alias} → {ref}" if out["promoted"] else f"sweep: {alias} kept (the new version is not better by {cfg.tune.promote_margin})")
     return out

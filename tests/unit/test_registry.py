@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rayllm.registry import InvalidNameError, Registry, RegistryError, parse_ref, promote_if_better, validate_name
+from rayllm.registry import AdapterRef, InvalidNameError, Registry, RegistryError, promote_if_better, validate_name
 from rayllm.registry import cli
 
 
@@ -57,14 +57,14 @@ def test_publish_refuses_traversal_names_and_writes_nothing_outside_root(tmp_pat
 
 
 def test_refs_parse_and_reject() -> None:
-    assert (parse_ref("support").name, parse_ref("support").version, parse_ref("support").alias) == ("support", None, None)
-    assert parse_ref("support@v12").version == 12
-    assert parse_ref("support:prod").alias == "prod"
-    assert str(parse_ref("support:prod")) == "support:prod"
+    assert (AdapterRef.parse("support").name, AdapterRef.parse("support").version, AdapterRef.parse("support").alias) == ("support", None, None)
+    assert AdapterRef.parse("support@v12").version == 12
+    assert AdapterRef.parse("support:prod").alias == "prod"
+    assert str(AdapterRef.parse("support:prod")) == "support:prod"
     for bad, part in [("s@3", "vN"), ("s@v0", "vN"), ("s@v01", "vN"), ("s:v3", "looks like a version"),
                       ("s@v1:prod", "both"), ("s::x", "more than one"), ("s:", "empty"), ("../s@v1", "separator")]:
         with pytest.raises(InvalidNameError) as err:
-            parse_ref(bad)
+            AdapterRef.parse(bad)
         assert part in str(err.value), (bad, str(err.value))
 
 
@@ -286,3 +286,15 @@ def test_cli_uses_config_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     cfg = RegistryConfig(path=str(tmp_path / "from-config"))
     assert cli.run(parser.parse_args(["publish", "s", str(make_adapter(tmp_path / "ad"))]), cfg) == 0
     assert Registry(cfg.path).versions("s") == [1]
+
+
+def test_adapter_ref_is_built_printed_and_parsed_one_way() -> None:
+    v3, prod = AdapterRef.of_version("support", "v3"), AdapterRef.of_alias("support", "prod")
+    assert (str(v3), str(prod), str(AdapterRef("support"))) == ("support@v3", "support:prod", "support")
+    assert AdapterRef.parse(str(v3)) == v3 and AdapterRef.parse(prod) is prod and v3.version == 3
+    assert AdapterRef.parse_alias("support:prod") == prod
+    for build in (lambda: AdapterRef.of_version("../x", 1), lambda: AdapterRef.of_version("s", 0),
+                  lambda: AdapterRef.of_alias("s", "v2"), lambda: AdapterRef("s", version=1, alias="prod"),
+                  lambda: AdapterRef.parse_alias("support@v3")):
+        with pytest.raises(InvalidNameError):
+            build()

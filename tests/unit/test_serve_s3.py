@@ -25,7 +25,7 @@ def s3(monkeypatch):
         monkeypatch.setenv(k, v)
     import boto3
 
-    from rayllm.registry.filesystems import url_to_fs
+    from rayllm.storage import url_to_fs
 
     boto3.session.Session().client("s3").create_bucket(Bucket="adapters")
     fs, _ = url_to_fs("s3://adapters")  # s3fs where installed, else pyarrow: what serving itself uses
@@ -78,5 +78,6 @@ def test_remote_adapters_through_fsspec_memory(tmp_path):
             r = client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
             assert r.status_code == 200, r.text
             assert r.json()["model"] == served and r.json()["choices"][0]["text"].startswith(tag + ":")
-    staged = {p.name for p in (tmp_path / "stage").glob("*/*")}
-    assert "support_v1" in staged and len(list((tmp_path / "stage" / "downloaded").iterdir())) == 1
+    # registry versions are copied the registry's way (Registry.localize: <cache>/name/vN), folders by URL digest
+    assert (tmp_path / "stage" / "registry" / "support" / "v1" / "manifest.json").is_file()
+    assert len(list((tmp_path / "stage" / "downloaded").iterdir())) == 1

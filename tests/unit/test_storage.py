@@ -1,12 +1,12 @@
-"""s3fs-style storage options and the AWS environment mapped onto pyarrow's S3 client (no network)."""
+"""rayllm.storage: URIs, and s3fs-style options and the AWS environment on pyarrow's S3 client (no network)."""
 
 from __future__ import annotations
 
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from rayllm.registry import filesystems
-from rayllm.registry.filesystems import ArrowS3FileSystem, S3Options, url_to_fs
+from rayllm.storage import is_uri, s3, url_to_fs
+from rayllm.storage.s3 import ArrowS3FileSystem, S3Options
 
 S3FS_STYLE = {"key": "AK", "secret": "SK", "token": "TOK", "skip_instance_cache": True,
               "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}}
@@ -40,7 +40,7 @@ def test_endpoint_without_scheme_follows_use_ssl() -> None:
 
 def test_region_of_the_bucket_is_looked_up_only_on_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     asked = []
-    monkeypatch.setattr(filesystems, "_bucket_region", lambda bucket: asked.append(bucket) or "eu-central-1")
+    monkeypatch.setattr(s3, "_bucket_region", lambda bucket: asked.append(bucket) or "eu-central-1")
     assert S3Options.from_storage_options({}, environ={}, bucket="b1").region == "eu-central-1"
     assert S3Options.from_storage_options({"endpoint_url": "http://h:1"}, environ={}, bucket="b2").region is None
     assert asked == ["b1"]
@@ -52,7 +52,7 @@ def test_unknown_options_are_refused_by_name() -> None:
 
 
 def test_s3_urls_use_pyarrow_without_s3fs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(filesystems, "_s3fs_importable", lambda: False)
+    monkeypatch.setattr(s3, "_s3fs_importable", lambda: False)
     fs, path = url_to_fs("s3://bucket/prefix/", **S3FS_STYLE)
     assert isinstance(fs, ArrowS3FileSystem) and path == "bucket/prefix"
     assert fs.unstrip_protocol(f"{path}/name/v1") == "s3://bucket/prefix/name/v1"
@@ -63,7 +63,7 @@ def test_s3_urls_use_pyarrow_without_s3fs(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_exclusive_create_sends_one_put_on_close_and_none_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(filesystems, "_s3fs_importable", lambda: False)
+    monkeypatch.setattr(s3, "_s3fs_importable", lambda: False)
     fs, root = url_to_fs("s3://bucket/r", **S3FS_STYLE)
     sent = []
     monkeypatch.setattr(fs, "put_if_absent", lambda path, data: sent.append((path, data)))
@@ -76,3 +76,8 @@ def test_exclusive_create_sends_one_put_on_close_and_none_after_an_error(monkeyp
             f.write(b"half")
             raise RuntimeError("failed before the claim was complete")
     assert len(sent) == 1
+
+
+def test_is_uri_tells_urls_from_local_paths() -> None:
+    assert is_uri("s3://bucket/x") and is_uri("memory://x") and is_uri("file:///tmp/x")
+    assert not is_uri("/tmp/x") and not is_uri("runs/registry") and not is_uri("~/x") and not is_uri("c:\\x")

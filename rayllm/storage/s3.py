@@ -1,10 +1,11 @@
-"""Filesystems for registry and adapter URLs: fsspec's, with s3:// on pyarrow where s3fs is absent.
+"""s3:// without s3fs: pyarrow's S3 client behind fsspec, plus the two operations it lacks.
 
 s3fs cannot always be installed (it pins aiobotocore, which pins botocore, which may clash with
 the boto3 a cluster already has), while pyarrow ships its own S3 client. So an `s3://` URL uses
-s3fs when it imports and otherwise `pyarrow.fs.S3FileSystem` behind fsspec's `ArrowFSWrapper`;
-callers keep making the same fsspec calls either way. The storage options users already write
-for s3fs (`key`, `secret`, `client_kwargs.endpoint_url`, ...) mean the same on both.
+s3fs when it imports and otherwise `pyarrow.fs.S3FileSystem` behind fsspec's `ArrowFSWrapper`
+(`rayllm.storage.url_to_fs` decides); callers keep making the same fsspec calls either way. The
+storage options users already write for s3fs (`key`, `secret`, `client_kwargs.endpoint_url`, ...)
+mean the same on both.
 
 The wrapper lacks two operations the registry's guarantees rest on, filled in here:
 - an exclusive create, `open(path, "xb")`, which claims a version number: S3 has no atomic
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.arrow import ArrowFSWrapper
+
+from rayllm.storage import is_uri
 
 S3_SCHEMES = ("s3", "s3a")
 # s3fs options about its own listing/instance caches: nothing to map, harmless to drop.
@@ -38,12 +40,14 @@ _CLIENT_OPTIONS = frozenset({"endpoint_url", "region_name", "aws_access_key_id",
                              "aws_session_token"})
 
 
-def url_to_fs(url: str, **storage_options: Any) -> tuple[AbstractFileSystem, str]:
-    """`fsspec.core.url_to_fs`, except that `s3://` also works without s3fs (through pyarrow)."""
-    url = str(url)
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in S3_SCHEMES or "::" in url or _s3fs_importable():
-        return fsspec.core.url_to_fs(url, **storage_options)
+def needs_arrow(url: str) -> bool:
+    """True for an `s3://` URL (no fsspec chaining) on a machine without s3fs."""
+    scheme = url.split("://", 1)[0].lower() if is_uri(url) else ""
+    return scheme in S3_SCHEMES and "::" not in url and not _s3fs_importable()
+
+
+def arrow_url_to_fs(url: str, **storage_options: Any) -> tuple[AbstractFileSystem, str]:
+    """The pyarrow-backed filesystem for an `s3://` URL and the URL's path on it (`bucket/key`)."""
     fs = ArrowS3FileSystem(S3Options.from_storage_options(storage_options, bucket=urlsplit(url).netloc))
     return fs, fs._strip_protocol(url).rstrip("/")
 
@@ -88,7 +92,7 @@ class S3Options:
                              f"{{{', '.join(sorted(_CLIENT_OPTIONS))}}} (or install s3fs)")
         endpoint = (options.get("endpoint_url") or client.get("endpoint_url")
                     or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None)
-        if endpoint and "://" not in endpoint:
+        if endpoint and not is_uri(endpoint):
             endpoint = f"{'https' if options.get('use_ssl', True) else 'http'}://{endpoint}"
         region = client.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
         if region is None and endpoint is None and bucket:
