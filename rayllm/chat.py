@@ -1,9 +1,14 @@
-"""One rendering of chat, for SFT data (`prepare`) and for serving (`/v1/chat/completions`).
+"""One chat template, for SFT data (`prepare`) and for serving (`/v1/chat/completions`).
 
-Both stages import `render_chat`, so the token ids a model was fine-tuned on are exactly the ids
-it is prompted with. The tokenizer's own chat template decides the text; which tokens are the
-assistant's comes from the template's `{% generation %}` markers when it has them, else from
-rendering growing prefixes of the conversation and diffing.
+`prepare` renders SFT conversations with `render_chat`. Serving does not call it: vLLM renders
+chat prompts itself, with the same template — the tokenizer's own (`prepare` saves
+`DEFAULT_CHAT_TEMPLATE` into a tokenizer that has none), or `DEFAULT_CHAT_TEMPLATE` passed as
+vLLM's `--chat-template` when the served tokenizer has none (serve/vllm_engine.py). So the token
+ids a model was fine-tuned on are the ids it is prompted with; tests/unit/test_chat.py checks the
+template path both take and tests/ray/test_serve_stack.py the ids of a real chat request.
+
+Which tokens are the assistant's comes from the template's `{% generation %}` markers when it has
+them, else from rendering growing prefixes of the conversation and diffing.
 """
 
 from __future__ import annotations

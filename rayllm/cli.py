@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 from rayllm.config import ConfigError, RayllmConfig, load_config
 
 # verb -> (section it needs, one-line help)
@@ -31,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, (_, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         if verb == "registry":
+            from rayllm.registry.cli import add_arguments
+
             p.add_argument("--config", help="Config file whose `registry` section names the registry root.")
-            _add_registry_verbs(p)
+            add_arguments(p)
             continue
         if verb == "export":
             kinds = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
@@ -55,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "prepare":
             p.add_argument("--force", action="store_true", help="Rebuild even when the output is up to date.")
     return parser
-
-
-def _add_registry_verbs(parser: argparse.ArgumentParser) -> None:
-    try:
-        from rayllm.registry.cli import add_arguments
-    except ImportError:  # registry module not installed in this build
-        return
-    add_arguments(parser)
 
 
 def _require(cfg: RayllmConfig, section: str | None, source: str) -> None:
@@ -92,7 +87,7 @@ def _run_verb(verb: str, cfg: RayllmConfig, args: argparse.Namespace) -> int:
         run(cfg, address=args.address)
         return 0
     if verb == "serve":
-        from rayllm.serve.app import run
+        from rayllm.serve.deploy import run
 
         return run(cfg, address=args.address)
     raise SystemExit(f"rayllm: unknown verb {verb}")
@@ -150,13 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             sections = [name for name in RayllmConfig.model_fields if getattr(cfg, name) is not None]
             print(f"{args.config}: ok (sections: {', '.join(sections)})")
             return 0
-        try:
-            return _run_verb(args.verb, cfg, args)
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("rayllm."):
-                raise
-            print(f"rayllm: `{args.verb}` is not available in this build ({exc.name} is missing)", file=sys.stderr)
-            return 3
+        return _run_verb(args.verb, cfg, args)
     except ConfigError as exc:
         print(f"rayllm: invalid config {exc}", file=sys.stderr)
         return 2

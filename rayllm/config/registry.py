@@ -9,4 +9,4 @@ from rayllm.config.base import Section
 
 class RegistryConfig(Section):
     path: str = Field("runs/registry", description="Registry root: a local directory or any fsspec URI (s3://bucket/prefix).")
-    cache_dir: str = Field("runs/registry-cache", description="Local folder that versions from a remote root are fetched into (vLLM loads local folders).")
+    cache_dir: str = Field("runs/registry-cache", description="Local folder where serving keeps verified copies of versions from a remote (s3://) root, unless serve.stage_dir is set (vLLM loads local folders).")

@@ -7,11 +7,12 @@
     topology single: LLMServer serves the same routes itself (one replica, one hop less)
 
 Requests for an adapter carry its exact version as the multiplexed model id, so Serve prefers a
-replica that already has it loaded. Entry points:
+replica that already has it loaded. This module is what runs inside Serve; the entry points
+that start it are elsewhere:
 
-    rayllm serve CONFIG                        → run(cfg): starts Ray and Serve, deploys, blocks
-    python jobs/deploy.py CONFIG               → deploy.deploy(cfg) on the connected Ray, returns the URL
-    serve run serve_configs/local.yaml         → build_app(args) with args {config: path} or
+    rayllm serve CONFIG                        → deploy.run(cfg): starts (or joins) Ray, deploys, blocks
+    python jobs/deploy.py CONFIG               → deploy.deploy(cfg) on a running cluster, returns the URL
+    serve run serve_configs/smollm2.yaml       → build_app(args) with args {config: path} or
                                                  inline {serve: {...}, registry: {...}}
 """
 
@@ -19,10 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from ray import serve
 from rayllm.config import RayllmConfig, ServeConfig, load_config, parse_config
 from rayllm.serve.protocol import AdapterSpec, Kind
 from rayllm.serve.server import LocalBackend
+from rayllm.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def _registry_root(path: str | None) -> str | None:
     """The registry serving reads, or None when there is none yet (serving never creates one)."""
     if not path:
         return None
-    if "://" in path:
+    if is_uri(path):
         return path
     if not Path(path).is_dir():
         logger.warning("rayllm serve: registry %s does not exist (yet); serving folder adapters only", Path(path).resolve())
@@ -47,13 +46,13 @@ def _registry_root(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
-def _absolute(cfg: ServeConfig) -> ServeConfig:
+def servable_config(cfg: ServeConfig) -> ServeConfig:
     """Local paths resolved where the config was read (replicas may run in another working directory),
     and the base model made a plain HF folder (a .gguf file or `smollm2` is converted once, cached)."""
     from rayllm.model import resolve_base
 
     def fix(p: str) -> str:
-        return p if "://" in p or not Path(p).exists() else str(Path(p).resolve())
+        return p if is_uri(p) or not Path(p).exists() else str(Path(p).resolve())
 
     base = resolve_base(cfg.model)
     config = base / "config.json"
@@ -68,9 +67,9 @@ def _absolute(cfg: ServeConfig) -> ServeConfig:
 class _LLMServer:
     """One vLLM engine and the adapters it holds (the LLM deployment's replica)."""
 
-    async def __init__(self, serve_cfg: dict, registry_root: str | None):
+    async def __init__(self, serve_cfg: dict, registry_root: str | None, registry_cache_dir: str | None = None):
+        from rayllm.model import base_fingerprint
         from rayllm.serve.adapters import AdapterCatalog
-        from rayllm.serve.compat import base_fingerprint
         from rayllm.serve.residency import AdapterManager
         from rayllm.serve.server import LLMServerCore
         from rayllm.serve.vllm_engine import VLLMEngine
@@ -81,7 +80,7 @@ class _LLMServer:
         stage = cfg.stage_dir or tempfile.mkdtemp(prefix="rayllm-adapters-")
         adapters = AdapterManager(engine, slots=cfg.max_cpu_loras, max_rank=cfg.max_lora_rank,
                                   base_fingerprint=base_fingerprint(cfg.model), stage_dir=stage,
-                                  drain_timeout_s=cfg.drain_timeout_s)
+                                  registry_cache_dir=registry_cache_dir, drain_timeout_s=cfg.drain_timeout_s)
         self.core = LLMServerCore(engine, adapters)
 
         async def routing_token(model_id: str) -> str:
@@ -120,8 +119,8 @@ class _LLMServer:
 class _LLMServerWithRoutes(_LLMServer):
     """topology `single`: the LLM replica serves the HTTP routes itself (no ingress hop)."""
 
-    async def __init__(self, serve_cfg: dict, registry_root: str | None):
-        await _LLMServer.__init__(self, serve_cfg, registry_root)
+    async def __init__(self, serve_cfg: dict, registry_root: str | None, registry_cache_dir: str | None = None):
+        await _LLMServer.__init__(self, serve_cfg, registry_root, registry_cache_dir)
         self.front = _frontend(self.cfg, self.catalog, LocalBackend(self.core))
 
     def __serve_build_asgi_app__(self):
@@ -206,17 +205,23 @@ def replica_options(cfg: ServeConfig) -> dict[str, Any]:
     return out
 
 
-def build_application(cfg: ServeConfig, registry_path: str | None):
-    """The bound application for a validated config."""
-    cfg = _absolute(cfg)
+def build_application(cfg: ServeConfig, registry_path: str | None, registry_cache_dir: str | None = None):
+    """The bound application for a validated config.
+
+    Replicas keep verified copies of versions from a remote registry in serve.stage_dir when it is
+    set, else in `registry_cache_dir` (registry.cache_dir), which outlives the replicas' temporary
+    stage folders, so a restart does not download every version again.
+    """
+    cfg = servable_config(cfg)
     root = _registry_root(registry_path)
+    cache = None if cfg.stage_dir or not registry_cache_dir else str(Path(registry_cache_dir).expanduser().resolve())
     raw = cfg.model_dump(mode="json")
     resources = {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
     if cfg.topology == "single":
         return LLMServerWithRoutes.options(
             num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources,
-        ).bind(raw, root)
-    llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(raw, root)
+        ).bind(raw, root, cache)
+    llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(raw, root, cache)
     most = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
     return OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
@@ -242,25 +247,4 @@ def _config_from_args(args: dict[str, Any]) -> RayllmConfig:
 def build_app(args: dict[str, Any]):
     """`import_path: rayllm.serve.app:build_app` in a Serve config file."""
     cfg = _config_from_args(args)
-    return build_application(cfg.serve, cfg.registry.path)
-
-
-def run(cfg: RayllmConfig, address: str | None = None) -> int:
-    """`rayllm serve CONFIG`: start (or join) Ray, deploy, serve until Ctrl-C / SIGTERM, then undeploy."""
-    from rayllm.ray_session import ray_session
-    from rayllm.serve.deploy import deploy, undeploy
-
-    if cfg.serve.direct_ingress:
-        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # seen by a Ray started here
-    _absolute(cfg.serve)  # a base vLLM cannot serve is refused before Ray starts
-    stop = threading.Event()
-    with ray_session(address):
-        # After ray.init, whose own handler would abort the process on SIGTERM instead of shutting down.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        print(f"rayllm: serving {cfg.serve.served_model_name} at {deploy(cfg)}", flush=True)
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
-        undeploy(cfg)
-    return 0
+    return build_application(cfg.serve, cfg.registry.path, cfg.registry.cache_dir)

@@ -1,16 +1,26 @@
 """Deploy the endpoint on the Ray this process is connected to, and say where it answers.
 
-Used by `rayllm serve` (app.run, which also starts Ray and blocks) and by jobs/deploy.py (a
-`ray job submit` driver that deploys and exits, leaving the application running on the cluster).
+Used by `rayllm serve` (`run`: starts or joins Ray, deploys and blocks until Ctrl-C) and by
+jobs/deploy.py (a driver on a running cluster that deploys and exits, leaving the application
+running there). The code that runs inside Serve's replicas is app.py; this module only drives it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 
 from rayllm.config import RayllmConfig
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The running cluster a deploy-and-exit driver joins: `address`, else RAY_ADDRESS (set inside
+    `ray job submit`), else None. Never an embedded Ray: it would take the endpoint down with it."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def endpoint(cfg: RayllmConfig) -> str:
@@ -52,7 +62,7 @@ def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     try:
-        serve.run(build_application(s, cfg.registry.path), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+        serve.run(build_application(s, cfg.registry.path, cfg.registry.cache_dir), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     except RuntimeError as exc:  # Serve gave up on the replicas: say why, not only that
         raise RuntimeError(f"{exc}\n{_failure_detail(s.app_name)}") from None
     url = endpoint(cfg)
@@ -67,6 +77,27 @@ def undeploy(cfg: RayllmConfig) -> None:
     serve.delete(cfg.serve.app_name)
     if not serve.status().applications:
         serve.shutdown()
+
+
+def run(cfg: RayllmConfig, address: str | None = None) -> int:
+    """`rayllm serve CONFIG`: start (or join) Ray, deploy, serve until Ctrl-C / SIGTERM, then undeploy."""
+    from rayllm.ray_session import ray_session
+    from rayllm.serve.app import servable_config
+
+    if cfg.serve.direct_ingress:
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # seen by a Ray started here
+    servable_config(cfg.serve)  # a base vLLM cannot serve is refused before Ray starts
+    stop = threading.Event()
+    with ray_session(address):
+        # After ray.init, whose own handler would abort the process on SIGTERM instead of shutting down.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"rayllm: serving {cfg.serve.served_model_name} at {deploy(cfg)}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        undeploy(cfg)
+    return 0
 
 
 def _raise_if_failed(app_name: str) -> None:

@@ -45,3 +45,18 @@ def test_templates_without_generation_markers_fall_back_to_prefix_diff(tok):
     masked = tok.decode([t for t, m in zip(plain.input_ids, plain.assistant_mask) if m])
     # the fallback also counts the newline after each turn; content and end token match
     assert masked.replace("\n", "") == "Blue.<|im_end|>Green, of course.<|im_end|>"
+
+
+@pytest.mark.parametrize("template", ["own", "none"])
+def test_the_serving_prompt_is_the_render_chat_prompt(tok, template):
+    """vLLM renders a chat request with apply_chat_template(tokenize=True, add_generation_prompt=True) and
+    the tokenizer's template, or DEFAULT_CHAT_TEMPLATE (its --chat-template) when the tokenizer has none;
+    add_special_tokens is off for chat. Those ids must be the ones render_chat gives SFT prompts."""
+    served = tok.__class__.from_pretrained(tok.name_or_path) if tok.name_or_path else tok
+    if template == "none":
+        served.chat_template = None
+    vllm_template = served.chat_template or DEFAULT_CHAT_TEMPLATE
+    for turns in (CHAT[:2], CHAT[:4]):
+        vllm_ids = served.apply_chat_template(turns, chat_template=vllm_template, tokenize=True,
+                                              add_generation_prompt=True, return_dict=False)
+        assert list(vllm_ids) == render_chat(served, turns, add_generation_prompt=True).input_ids

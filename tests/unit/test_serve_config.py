@@ -106,9 +106,9 @@ def test_a_seq2seq_base_is_refused_for_serving(tmp_path):
     from transformers import T5Config
 
     from rayllm.config import ConfigError, parse_config
-    from rayllm.serve.app import _absolute
+    from rayllm.serve.app import servable_config
 
     T5Config(vocab_size=64, d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64).save_pretrained(tmp_path)
     cfg = parse_config({"serve": {"model": str(tmp_path)}})
     with pytest.raises(ConfigError, match="encoder-decoder"):
-        _absolute(cfg.serve)
+        servable_config(cfg.serve)
