@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METADATA_FILE = "rayllm_adapter.json"
-PEFT_CONFIG_FILE = "adapter_config.json"
+from rayllm.registry.fingerprint import METADATA_FILE, PEFT_CONFIG_FILE
 _UNSERVED_MODULES = {"lm_head", "embed_tokens"}
 
 
