@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The dtype rule lives in rayllm.dtypes (shared with serving); re-exported because benchmarks/ import it from here.
+from rayllm.dtypes import bf16_supported, resolve_dtype  # noqa: F401
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,22 +57,6 @@ def default_lora_targets(hf_config: dict) -> list[str]:
 def lora_targets(lora_cfg: "LoraConfig", hf_config: dict) -> list[str]:
     """The configured LoRA target modules, else the architecture's defaults."""
     return list(lora_cfg.target_modules) if lora_cfg.target_modules else default_lora_targets(hf_config)
-
-
-def bf16_supported(use_gpu: bool) -> bool:
-    """Whether this machine runs bf16 at speed (CPUs without AVX-512 BF16/AMX run it ~90× slower)."""
-    import torch
-
-    if use_gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_dtype(requested: str, use_gpu: bool) -> str:
-    """The dtype name to train in: `auto` becomes bfloat16 where supported, else float32."""
-    if requested != "auto":
-        return requested
-    return "bfloat16" if bf16_supported(use_gpu) else "float32"
 
 
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerBase":

@@ -22,19 +22,13 @@ from rayllm.serve.errors import ServeError, from_vllm_error, from_vllm_exception
 logger = logging.getLogger(__name__)
 
 
-def resolve_dtype(requested: str, on_gpu: bool, bf16_ok: bool) -> str:
-    """The engine dtype: `auto` is bf16 on CPUs that have it and fp32 on the others (never a 90x slower
-    emulated bf16); asking for bf16 on a CPU without it is an error, not a silent fallback."""
-    if on_gpu:
-        return requested
-    if requested == "auto":
-        return "bfloat16" if bf16_ok else "float32"
-    if requested == "bfloat16" and not bf16_ok:
-        raise ValueError(
-            "serve.dtype: bfloat16 requested but this CPU has no bf16 instructions (it would run ~90x slower); "
-            "use dtype: auto or float32"
-        )
-    return requested
+def resolve_dtype(requested: str, on_gpu: bool, bf16_ok: bool | None = None) -> str:
+    """The engine dtype. On a GPU the configured value goes to vLLM as is (`auto` is then vLLM's own
+    choice); on a CPU rayllm's rule (rayllm.dtypes): `auto` is bf16 only where the CPU has it, and
+    bf16 on a CPU without it is an error, not a silent fallback. `bf16_ok` None asks this CPU."""
+    from rayllm.dtypes import resolve_dtype as rayllm_dtype
+
+    return requested if on_gpu else rayllm_dtype(requested, use_gpu=False, bf16_ok=bf16_ok, key="serve.dtype")
 
 
 def engine_cli_args(cfg: ServeConfig, dtype: str, on_gpu: bool, chat_template: str | None) -> list[str]:
@@ -92,9 +86,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_gpu = torch.cuda.is_available()
-        from rayllm.model import bf16_supported
-
-        self.dtype = resolve_dtype(self.cfg.dtype, on_gpu, bf16_ok=bf16_supported(use_gpu=False))
+        self.dtype = resolve_dtype(self.cfg.dtype, on_gpu)
         if not on_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
         template = None

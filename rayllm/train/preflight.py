@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rayllm.config import ConfigError
+from rayllm.dtypes import cpu_capability
 from rayllm.train import plan as P
 from rayllm.train.batching import Batching, batching, check_batching, eval_micro_batches
 from rayllm.train.data import read_manifest
@@ -36,12 +37,6 @@ class Preflight:
     @property
     def fits(self) -> bool:
         return P.fits(self.plan, self.settings, self.capacity)
-
-
-def cpu_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
 
 
 def available_memory() -> float:
@@ -107,7 +102,7 @@ def _arch_problems(cfg, hf_config: dict, manifest: dict, problems: list[str]) ->
 
 def _model_problems(cfg, cap: str, problems: list[str]) -> str:
     """Cross-section rules on model + train; returns the dtype the plan assumes."""
-    from rayllm.model import bf16_supported, resolve_dtype
+    from rayllm.dtypes import bf16_supported, resolve_dtype
 
     m, t = cfg.model, cfg.train
     if m.quantization == "4bit":
@@ -125,14 +120,14 @@ def _model_problems(cfg, cap: str, problems: list[str]) -> str:
         problems.append("model.dtype: float16 is not supported on CPU; use auto or float32")
     import torch
 
-    # A driver without a GPU cannot see the workers' GPUs: their dtype is checked on the workers.
-    knows = not t.use_gpu or torch.cuda.is_available()
-    if m.dtype == "bfloat16" and knows and not bf16_supported(t.use_gpu):
+    # A driver without a GPU cannot see the workers' GPUs: the plan assumes bf16, the workers decide.
+    bf16_ok = bf16_supported(t.use_gpu) if not t.use_gpu or torch.cuda.is_available() else True
+    if m.dtype == "bfloat16" and not bf16_ok:
         where = "this GPU" if t.use_gpu else f"this CPU ({cap}, no AVX-512 BF16/AMX; bf16 matmuls run ~90× slower)"
         problems.append(f"model.dtype: bfloat16 is not supported at speed on {where}; set dtype: auto or float32")
     if m.attn_implementation == "flash_attention_2" and not t.use_gpu:
         problems.append("model.attn_implementation: flash_attention_2 needs a GPU; use sdpa")
-    return resolve_dtype(m.dtype, t.use_gpu) if knows else ("bfloat16" if m.dtype == "auto" else m.dtype)
+    return m.dtype if m.dtype == "bfloat16" and not bf16_ok else resolve_dtype(m.dtype, t.use_gpu, bf16_ok)
 
 
 def preflight(cfg, address: str | None = None) -> Preflight:

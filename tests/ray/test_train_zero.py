@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rayllm.model import resolve_dtype
+from rayllm.dtypes import resolve_dtype
 from tests.ray.train_fixtures import ray_local, read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
