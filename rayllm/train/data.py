@@ -147,3 +147,20 @@ def micro_slice(global_indices: np.ndarray, micro_step: int, rank: int, world: i
     """The rows of a global batch that `rank` trains on in accumulation step `micro_step`."""
     start = (micro_step * world + rank) * micro
     return global_indices[start:start + micro]
+
+
+def read_splits(ingest: str, dataset: str, seq_len: int, hf_config):
+    """(train, val) as the model consumes them: packed rows, or encoder-decoder examples from them.
+    The rows arrive through Ray Data (the trainer's datasets) or straight from the parquet files."""
+    if ingest == "ray_data":
+        import ray.train
+
+        train, val = (PackedSplit.from_ray(ray.train.get_dataset_shard(s), seq_len, f"{dataset} {s}") for s in ("train", "val"))
+    else:
+        train, val = PackedSplit.read(dataset, "train"), PackedSplit.read(dataset, "val")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        from rayllm.train.seq2seq import Seq2SeqSplit
+
+        ids = hf_config.pad_token_id, hf_config.decoder_start_token_id
+        return Seq2SeqSplit(train, *ids), Seq2SeqSplit(val, *ids)
+    return train, val

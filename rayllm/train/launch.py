@@ -1,5 +1,5 @@
 """`rayllm train` and `rayllm plan`: preflight and memory plan on the driver, then one Ray Train
-TorchTrainer (trainer.py) whose workers run `loop.train_func` with DeepSpeed. Rerunning the same
+TorchTrainer (trainer.py) whose workers run `worker.train_func` with DeepSpeed. Rerunning the same
 config resumes the run (Ray Train V2: same RunConfig name and storage path); a finished run is
 returned as it is."""
 

@@ -1,12 +1,14 @@
 """Per-step metrics, written by rank 0 itself (a `ray.train.report` costs ~1.5 s, so Ray only hears
 about evaluations and checkpoints): metrics.jsonl in the run directory, W&B (offline by default),
-a loss-curve PNG at the end. Also the pure arithmetic: model FLOPs per token and MFU."""
+a loss-curve PNG at the end. Also the pure arithmetic: model FLOPs per token and MFU, and the
+tokens/s meter of the step loop."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # Dense bf16 peak of common accelerators, FLOP/s (MFU is reported only where the peak is known).
@@ -43,6 +45,31 @@ def peak_memory_gib(use_gpu: bool) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class Throughput:
+    """Training tokens per second since the last restart, with the time spent in `paused()` blocks
+    (evaluations, checkpoint saves) left out, so the figure measures the steps alone."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.tokens, self.paused_s = time.perf_counter(), 0, 0.0
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start - self.paused_s, 1e-9)
 
 
 class MetricsLog:

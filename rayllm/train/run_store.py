@@ -31,13 +31,13 @@ class RunStore:
             self.local = Path(output_dir).expanduser().resolve() / run_name
 
     @classmethod
-    def on_worker(cls, config: dict) -> "RunStore":
-        """The store a worker gets from its loop config (same staging folder as the driver computed)."""
-        uri = config.get("run_uri")
-        if not uri:
-            return cls(str(Path(config["run_dir"]).parent), Path(config["run_dir"]).name)
-        store = cls(uri.rsplit("/", 1)[0], uri.rsplit("/", 1)[1])
-        store.local = Path(config["run_dir"])
+    def on_worker(cls, run_dir: str, run_uri: str | None) -> "RunStore":
+        """The store a worker rebuilds from its RunSpec's `run_dir` and `run_uri`: the same staging
+        folder as the driver computed (the worker's temp folder may be elsewhere)."""
+        if not run_uri:
+            return cls(str(Path(run_dir).parent), Path(run_dir).name)
+        store = cls(*run_uri.rsplit("/", 1))
+        store.local = Path(run_dir)
         return store
 
     @property

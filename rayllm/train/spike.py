@@ -5,9 +5,10 @@ steps. The loop answers one by restoring the last checkpoint, multiplying the LR
 skipping the data between that checkpoint and the spike (the batches that led there), at most
 `max_rollbacks` times. The decision uses the loss averaged over all workers, so every rank agrees.
 
-Test hook: the environment variable RAYLLM_INJECT_SPIKE_AT_STEP=N (read by `launch.run` on the
-driver) makes step N's loss NaN once, through the real backward pass, which poisons the weights
-exactly as a real divergence would.
+Test hook: the environment variable RAYLLM_INJECT_SPIKE_AT_STEP=N (read on the driver into the
+run's spec) makes step N's loss NaN once, through the real backward pass, which poisons the weights
+exactly as a real divergence would. The worker wraps its loss function with `nan_loss_at` once at
+setup; the step loop never sees the hook.
 """
 
 from __future__ import annotations
@@ -39,3 +40,21 @@ def injected_steps(value: str | None) -> set[int]:
     if not value:
         return set()
     return {int(v) for v in value.split(",") if v.strip()}
+
+
+def nan_loss_at(loss_fn, steps: set[int], micro_batches: int):
+    """The test hook: `loss_fn(engine, batch, device)` whose losses are NaN for every micro-batch of
+    each step in `steps` (1-based optimizer steps), the first time that step runs; the step a
+    rollback replays trains normally. The step is read from DeepSpeed's optimizer-step counter,
+    which a checkpoint restore rewinds with the weights."""
+    left = dict.fromkeys(steps, micro_batches)
+
+    def poisoned(engine, batch, device):
+        loss = loss_fn(engine, batch, device)
+        step = engine.global_steps + 1  # the step these micro-batches belong to
+        if left.get(step, 0) > 0:
+            left[step] -= 1
+            return loss * float("nan")
+        return loss
+
+    return poisoned

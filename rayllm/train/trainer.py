@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from rayllm.config import ConfigError, config_hash
+from rayllm.config import ConfigError
 from rayllm.train.preflight import Preflight, capacity_text, describe, gib, preflight
 from rayllm.train.run_store import RunStore
-from rayllm.train.spike import INJECT_ENV, injected_steps
-
-TORCH_EXTENSIONS_DIR = str(Path.home() / ".cache" / "rayllm" / "torch_extensions")
+from rayllm.train.spec import run_spec
 
 
 def prepare_run(cfg, address: str | None = None, dry: bool = False) -> tuple[Preflight, RunStore]:
@@ -29,27 +25,6 @@ def prepare_run(cfg, address: str | None = None, dry: bool = False) -> tuple[Pre
     if not dry:
         run.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False))
     return pre, run
-
-
-def loop_config(cfg, pre: Preflight, run: RunStore) -> dict:
-    """What every worker receives: validated sections as plain data, paths, derived numbers."""
-    from rayllm.model import base_fingerprint
-
-    t = cfg.train
-    dataset = Path(t.dataset).resolve()
-    wandb = None
-    if "wandb" in t.report_to and t.wandb_mode != "disabled":
-        wandb = {"project": t.wandb_project, "group": t.wandb_group, "name": t.run_name, "mode": t.wandb_mode,
-                 "config": cfg.model_dump(mode="json", include={"model", "train"})}
-    return {
-        "train": t.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-        "dataset": str(dataset), "tokenizer_dir": str(dataset / pre.manifest.get("tokenizer", "tokenizer")),
-        "base_dir": pre.base_dir, "base_fingerprint": base_fingerprint(pre.base_dir) if pre.base_dir else None,
-        "run_dir": str(run.local), "run_uri": run.uri, "batching": asdict(pre.batching), "eval_micro_batches": pre.eval_micro_batches,
-        "planned_trainable_params": pre.shape.trainable_params,
-        "config_hash": config_hash(cfg), "cpu_capability": pre.cpu_capability, "torch_extensions_dir": TORCH_EXTENSIONS_DIR,
-        "wandb": wandb, "inject_spike_at": sorted(injected_steps(os.environ.get(INJECT_ENV))),
-    }
 
 
 # Ray Data read tasks reserve no CPU: they run once, before the first step, while the workers wait
@@ -89,19 +64,20 @@ def ingest(train_cfg) -> dict:
 
 
 def build_trainer(cfg, pre: Preflight, run: RunStore, callbacks: Sequence[Any] = ()):
-    """Workers, resources, checkpoint retention and failure restarts from the train section. The
-    run's name and storage path are its folder, so building it again resumes it (Ray Train V2)."""
+    """Workers, resources, checkpoint retention and failure restarts from the train section; every
+    worker gets the run's RunSpec (spec.py). The run's name and storage path are its folder, so
+    building it again resumes it (Ray Train V2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayllm.train.loop import train_func
+    from rayllm.train.worker import train_func
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_func,
         **ingest(t),
-        train_loop_config=loop_config(cfg, pre, run),
+        train_loop_config={"spec": run_spec(cfg, pre, run)},  # Ray Train wants a dict
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             **run.ray_storage(),

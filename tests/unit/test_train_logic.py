@@ -7,7 +7,7 @@ import pytest
 
 from rayllm.config import TrainConfig
 from rayllm.train.batching import Batching, batching, check_batching, eval_micro_batches
-from rayllm.train.spike import injected_steps, remember, spike_reason
+from rayllm.train.spike import injected_steps, nan_loss_at, remember, spike_reason
 from rayllm.train.zero import MAX_BUCKET, deepspeed_config
 
 
@@ -84,6 +84,24 @@ def test_spike_policy():
     assert spike_reason(100.0, history[:2], 3.0, 3) is None, "no ratio test before the window is full"
     assert remember(history, 1.8, 3) == [2.1, 1.9, 1.8]
     assert injected_steps("5, 9") == {5, 9} and injected_steps(None) == set()
+
+
+def test_injected_spike_poisons_every_micro_batch_of_its_step_once():
+    class Engine:  # DeepSpeed's optimizer-step counter, all the hook reads
+        global_steps = 0
+
+    engine, calls = Engine(), []
+    loss_fn = nan_loss_at(lambda e, batch, device: calls.append(batch) or 2.0, {3}, micro_batches=2)
+
+    def step():
+        losses = [loss_fn(engine, len(calls), "cpu") for _ in range(2)]
+        engine.global_steps += 1
+        return losses
+
+    assert step() == [2.0, 2.0] and step() == [2.0, 2.0]
+    assert all(math.isnan(x) for x in step()), "step 3: every accumulation micro-batch"
+    engine.global_steps = 2  # the rollback restores step 2's checkpoint; step 3 runs again
+    assert step() == [2.0, 2.0] and step() == [2.0, 2.0]
 
 
 def test_metrics_log_truncates_on_resume_and_plots(tmp_path):
