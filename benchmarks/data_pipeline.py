@@ -86,7 +86,9 @@ def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch
     from ray.data import ActorPoolStrategy
 
     from rayllm.data.tokenize import PretrainTokenizePack
+    from rayllm.data.tokenizer import load_tokenizer
 
+    hf = load_tokenizer(tokenizer_dir)  # as prepare does: the actors get the ids and need no transformers
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -97,8 +99,8 @@ def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch
             start = time.perf_counter()
             ds = docs.map_batches(
                 PretrainTokenizePack,
-                fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len,
-                                       "threads": max(1, os.cpu_count() // actors)},
+                fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "eos_id": hf.eos_token_id,
+                                       "pad_id": hf.pad_token_id, "threads": max(1, os.cpu_count() // actors)},
                 batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=os.cpu_count() / actors,
                 batch_format="numpy",
             ).materialize()

@@ -48,7 +48,7 @@ def run(cfg: DataConfig, address: str | None = None, force: bool = False) -> dic
     stage.mkdir()
     started = time.time()
     try:
-        with ray_session(address):
+        with ray_session(address, dashboard=False):  # Ray Data needs no dashboard; starting one costs seconds
             manifest = _prepare(cfg, files, stage, out.parent / f"{out.name}.rejects.jsonl")
         manifest.update(
             schema_version=SCHEMA_VERSION,
@@ -101,22 +101,24 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     _check_rejects(rejects, rows_in, cfg, failed_file)  # fail early, before tokenizing
     kept = cleaned.filter(lambda r: r["reject"] == "").select_columns(["content", "hash", "split"])
     n_kept = rows_in - sum(rejects.counts.values())
-    unique = _dedup(kept, n_kept) if cfg.dedup else kept
+    unique = _dedup(kept, n_kept, cleaned.num_blocks()) if cfg.dedup else kept
     unique = unique.materialize()
     n_unique = unique.count()
-    # Materialized, so the tokenizer actors (which may hold every CPU) have no upstream task to wait on.
-    splits = {name: unique.filter(lambda r, s=name: r["split"] == s).materialize() for name in SPLITS}
+    pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors)
 
     tokenizer_dir = stage / "tokenizer"
-    source = _tokenizer(cfg, splits["train"], tokenizer_dir)
+    source = _tokenizer(cfg, unique, n_unique, tokenizer_dir)
     from rayllm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
+    if cfg.mode == "sft":
+        unique = _sft_drop_long(unique, cfg, str(tokenizer_dir), rejects, pool)
     split_stats = {}
-    for name, ds in splits.items():
-        if cfg.mode == "sft":
-            ds = _sft_drop_long(ds, cfg, str(tokenizer_dir), rejects)
-        split_stats[name] = _tokenize_and_write(ds, cfg, str(tokenizer_dir), tok.pad_token_id, stage / name)
+    for name in SPLITS:
+        ds = unique.filter(lambda r, s=name: r["split"] == s)
+        if pool:  # materialized, so the tokenizer actors (which may hold every CPU) have no upstream task to wait on
+            ds = ds.materialize()
+        split_stats[name] = _tokenize_and_write(ds, cfg, str(tokenizer_dir), tok.eos_token_id, tok.pad_token_id, stage / name, pool)
     fraction = _check_rejects(rejects, rows_in, cfg, failed_file)
     rows_rejected = sum(rejects.counts.values())
     rejects.write(stage / "rejects.jsonl")
@@ -141,6 +143,25 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     }
 
 
+def use_actor_pool(rows: int, batch_size: int, num_actors: int) -> bool:
+    """An actor pool starts `num_actors` processes that each load the tokenizer before the first
+    batch; it repays that only when its actors get more than one batch each. Fewer rows run as plain
+    tasks on the worker processes Ray already has (one tokenizer per process, kept between tasks)."""
+    return rows > batch_size * num_actors
+
+
+def _map_stage(ds, cls: type, init: dict[str, Any], cfg: DataConfig, batch_size: int, pool: bool):
+    from ray.data import ActorPoolStrategy
+
+    if pool:
+        return ds.map_batches(cls, fn_constructor_kwargs=init, batch_size=batch_size, compute=ActorPoolStrategy(size=cfg.num_actors),
+                              num_cpus=cfg.actor_cpus, batch_format="numpy")
+    from rayllm.data.tokenize import in_task
+
+    return ds.map_batches(in_task, fn_kwargs={"cls": cls, "init": init}, batch_size=batch_size, num_cpus=cfg.actor_cpus,
+                          batch_format="numpy")
+
+
 class _Rejects:
     """Counts per reason and up to `limit` samples per reason."""
 
@@ -161,13 +182,38 @@ class _Rejects:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
 
 
+def _summary(keys: list[str], key: str, counts: list[int], samples: list[str]):
+    """One row per key: a count and a JSON list of samples (typed, so empty blocks agree too)."""
+    import pyarrow as pa
+
+    return pa.table({key: pa.array(keys, pa.string()), "n": pa.array(counts, pa.int64()), "samples": pa.array(samples, pa.string())})
+
+
+def _block_rejects(block: dict[str, np.ndarray], limit: int):
+    """Per block: the rejected rows per reason and up to `limit` samples of each (JSON), so one pass
+    over the dataset gives the counts and the samples, whatever its size."""
+    reasons, counts, samples = [], [], []
+    rejected = block["reject"] != ""
+    for reason in sorted(set(block["reject"][rejected])):
+        rows = np.flatnonzero(block["reject"] == reason)
+        reasons.append(reason)
+        counts.append(len(rows))
+        samples.append(json.dumps([{"reason": reason, "detail": str(block["detail"][i]), "raw": str(block["raw"][i])}
+                                   for i in rows[:limit]]))
+    return _summary(reasons, "reason", counts, samples)
+
+
 def _rejects(cleaned, limit: int) -> _Rejects:
-    rejected = cleaned.filter(lambda r: r["reject"] != "").materialize()
+    per_block = cleaned.select_columns(["reject", "detail", "raw"]).map_batches(
+        _block_rejects, fn_kwargs={"limit": limit}, batch_size=None, batch_format="numpy").take_all()
+    counts: dict[str, int] = {}
+    samples: dict[str, list[dict[str, str]]] = {}
+    for row in per_block:
+        counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["n"])
+        samples.setdefault(row["reason"], []).extend(json.loads(row["samples"]))
     out = _Rejects(limit)
-    counts = {r["reject"]: r["count()"] for r in rejected.groupby("reject").count().take_all()}
-    for reason, n in sorted(counts.items()):
-        rows = rejected.filter(lambda r, x=reason: r["reject"] == x).take(limit) if limit else []
-        out.add(reason, n, [{"reason": r["reject"], "detail": r["detail"], "raw": r["raw"]} for r in rows])
+    for reason in sorted(counts):
+        out.add(reason, counts[reason], samples[reason][:limit])
     return out
 
 
@@ -177,27 +223,34 @@ def _drop_duplicates(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[first] for k, v in block.items()}
 
 
-def _dedup(kept, n_rows: int):
+def _dedup(kept, n_rows: int, n_blocks: int):
     """Exact dedup over the whole dataset: a hash shuffle puts every copy of a document in the
-    same block, so dropping duplicates inside each block drops them everywhere."""
+    same block, so dropping duplicates inside each block drops them everywhere. When one block
+    holds everything, there is nothing to shuffle."""
     blocks = max(1, math.ceil(n_rows / 100_000))
-    return kept.repartition(blocks, keys=["hash"]).map_batches(_drop_duplicates, batch_size=None, batch_format="numpy")
+    if blocks > 1:
+        kept = kept.repartition(blocks, keys=["hash"])
+    elif n_blocks > 1:
+        kept = kept.repartition(1)
+    return kept.map_batches(_drop_duplicates, batch_size=None, batch_format="numpy")
 
 
-def _tokenizer_texts(train, cfg: DataConfig) -> Iterator[str]:
+def _tokenizer_texts(unique, n_unique: int, cfg: DataConfig) -> Iterator[str]:
     """A deterministic sample (by content hash) of at most max_train_docs train documents."""
-    n = train.count()
+    n = n_unique
+    if n > cfg.tokenizer.max_train_docs:  # then the sampling rate needs the train split's own size
+        n = unique.filter(lambda r: r["split"] == "train").count()
     keep = min(1.0, cfg.tokenizer.max_train_docs / max(n, 1))
-    for batch in train.iter_batches(batch_size=1024, batch_format="numpy"):
-        for content, digest in zip(batch["content"], batch["hash"]):
-            if keep >= 1.0 or int(digest[:8], 16) / 16**8 < keep:
+    for batch in unique.iter_batches(batch_size=1024, batch_format="numpy"):
+        for content, digest, split in zip(batch["content"], batch["hash"], batch["split"]):
+            if split == "train" and (keep >= 1.0 or int(digest[:8], 16) / 16**8 < keep):
                 if cfg.mode == "sft":
                     yield "\n".join(m["content"] for m in json.loads(content))
                 else:
                     yield content
 
 
-def _tokenizer(cfg: DataConfig, train, out_dir: Path) -> str:
+def _tokenizer(cfg: DataConfig, unique, n_unique: int, out_dir: Path) -> str:
     if cfg.tokenizer.path:
         from rayllm.data.tokenizer import load_tokenizer
 
@@ -210,43 +263,48 @@ def _tokenizer(cfg: DataConfig, train, out_dir: Path) -> str:
         return f"copied from {cfg.tokenizer.path}"
     from rayllm.data.tokenizer import train_tokenizer
 
-    train_tokenizer(_tokenizer_texts(train, cfg), cfg.tokenizer, out_dir)
+    train_tokenizer(_tokenizer_texts(unique, n_unique, cfg), cfg.tokenizer, out_dir)
     return "byte-level BPE trained on the train split"
 
 
-def _sft_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects):
-    from ray.data import ActorPoolStrategy
+def _block_too_long(block: dict[str, np.ndarray], seq_len: int, limit: int):
+    """Per block and split: conversations longer than seq_len, and up to `limit` samples (JSON)."""
+    splits, counts, samples = [], [], []
+    for name in SPLITS:
+        rows = np.flatnonzero((block["n"] > seq_len) & (block["split"] == name))
+        if len(rows):
+            splits.append(name)
+            counts.append(len(rows))
+            samples.append(json.dumps([{"reason": "too_many_tokens", "detail": f"{block['n'][i]} tokens > seq_len {seq_len}",
+                                        "raw": str(block["content"][i])[:500]} for i in rows[:limit]]))
+    return _summary(splits, "split", counts, samples)
 
+
+def _sft_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects, pool: bool):
+    """Renders every conversation (both splits in one pass), counts those longer than seq_len as
+    rejects (train's samples first), and returns the rest."""
     from rayllm.data.tokenize import SftRender
 
-    rendered = ds.map_batches(
-        SftRender, fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir}, batch_size=256,
-        compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus, batch_format="numpy",
-    ).materialize()
-    too_long = rendered.filter(lambda r: r["n"] > cfg.seq_len)
-    n = too_long.count()
-    samples = [
-        {"reason": "too_many_tokens", "detail": f"{r['n']} tokens > seq_len {cfg.seq_len}", "raw": r["content"][:500]}
-        for r in too_long.take(cfg.rejects_sample)
-    ] if n else []
-    rejects.add("too_many_tokens", n, samples)
+    rendered = _map_stage(ds, SftRender, {"tokenizer_dir": tokenizer_dir}, cfg, 256, pool).materialize()
+    per_block = rendered.select_columns(["n", "split", "content"]).map_batches(
+        _block_too_long, fn_kwargs={"seq_len": cfg.seq_len, "limit": cfg.rejects_sample}, batch_size=None,
+        batch_format="numpy").take_all()
+    for name in SPLITS:
+        rows = [r for r in per_block if r["split"] == name]
+        samples = [s for r in rows for s in json.loads(r["samples"])]
+        rejects.add("too_many_tokens", sum(int(r["n"]) for r in rows), samples[: cfg.rejects_sample])
     return rendered.filter(lambda r: r["n"] <= cfg.seq_len)
 
 
-def _tokenize_and_write(ds, cfg: DataConfig, tokenizer_dir: str, pad_id: int, out: Path) -> dict[str, int]:
-    from ray.data import ActorPoolStrategy
-
+def _tokenize_and_write(ds, cfg: DataConfig, tokenizer_dir: str, eos_id: int, pad_id: int, out: Path, pool: bool) -> dict[str, int]:
     from rayllm.data.tokenize import PretrainTokenizePack, pack_sft
 
     if cfg.mode == "sft":
         packed = ds.map_batches(pack_sft, fn_kwargs={"seq_len": cfg.seq_len, "pad_id": pad_id}, batch_size=cfg.batch_size, batch_format="numpy")
     else:
-        packed = ds.map_batches(
-            PretrainTokenizePack,
-            fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": cfg.seq_len, "threads": max(1, int(cfg.actor_cpus))},
-            batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.actor_cpus,
-            batch_format="numpy",
-        )
+        init = {"tokenizer_dir": tokenizer_dir, "seq_len": cfg.seq_len, "threads": max(1, int(cfg.actor_cpus)),
+                "eos_id": eos_id, "pad_id": pad_id}
+        packed = _map_stage(ds, PretrainTokenizePack, init, cfg, cfg.batch_size, pool)
     # Writing is I/O: zero CPUs, so it is never starved by the actors that hold them.
     packed.write_parquet(str(out), min_rows_per_file=4096, ray_remote_args={"num_cpus": 0})
     return _split_stats(out, cfg.seq_len)

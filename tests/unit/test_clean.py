@@ -70,3 +70,26 @@ def test_drop_duplicates_keeps_one_copy_per_hash_in_order():
     block = {"hash": np.array(["b", "a", "b", "c", "a"], dtype=object), "content": np.array(["1", "2", "3", "4", "5"], dtype=object)}
     out = _drop_duplicates(block)
     assert out["hash"].tolist() == ["b", "a", "c"] and out["content"].tolist() == ["1", "2", "4"]
+
+
+def test_block_rejects_counts_every_reason_and_caps_samples():
+    import json
+
+    import numpy as np
+
+    from rayllm.data.prepare import _block_rejects
+
+    block = {"reject": np.array(["", "too_long", "", "empty", "too_long"], dtype=object),
+             "detail": np.array(["", "d1", "", "d2", "d3"], dtype=object), "raw": np.array(["", "r1", "", "r2", "r3"], dtype=object)}
+    rows = _block_rejects(block, limit=1).to_pylist()
+    assert [(r["reason"], r["n"]) for r in rows] == [("empty", 1), ("too_long", 2)]
+    assert json.loads(rows[1]["samples"]) == [{"reason": "too_long", "detail": "d1", "raw": "r1"}]
+    assert _block_rejects({k: v[:1] for k, v in block.items()}, limit=1).num_rows == 0  # typed, even when empty
+
+
+def test_actor_pool_only_when_every_actor_gets_more_than_one_batch():
+    from rayllm.data.prepare import use_actor_pool
+
+    assert not use_actor_pool(4096, batch_size=2048, num_actors=2)
+    assert use_actor_pool(4097, batch_size=2048, num_actors=2)
+    assert use_actor_pool(300, batch_size=7, num_actors=2)
