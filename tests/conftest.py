@@ -29,3 +29,31 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    from tests.shared_ray import SharedRay
+
+    shared = SharedRay()
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
+@pytest.fixture
+def ray_local(_shared_ray):
+    """The session's private 2-CPU Ray (tests/shared_ray.py), started on first use."""
+    import ray
+
+    _shared_ray.ensure()
+    yield ray
+
+
+@pytest.fixture
+def own_ray(_shared_ray):
+    """For a test whose code starts its own Ray (its workers must inherit what the test sets in the
+    environment): the shared Ray is shut down first; the next test that shares starts it again."""
+    _shared_ray.stop()
+    yield

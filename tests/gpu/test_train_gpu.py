@@ -5,7 +5,7 @@ import pytest
 
 from rayllm.config import ModelConfig
 from rayllm.model import build_model, load_tokenizer
-from tests.ray.train_fixtures import ray_local, read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 GPU = {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 1}

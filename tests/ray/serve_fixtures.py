@@ -85,7 +85,8 @@ def build_adapter(base: Path, out: Path, seed: int, rank: int = 8, scale: float 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rayllm.serve.compat import METADATA_FILE, base_fingerprint
+    from rayllm.model import base_fingerprint
+    from rayllm.registry.fingerprint import METADATA_FILE
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -191,9 +192,10 @@ def free_port() -> int:
 
 @contextmanager
 def serve_app(serve_cfg, registry_root: str | None, num_cpus: int = 2, start_timeout_s: float = 300):
-    """A private local Ray + Serve (on a free port) running rayllm's app; yields the base URL.
+    """Serve (on a free port) running rayllm's app on this process's Ray — the test session's shared
+    one (tests/shared_ray.py) when it runs, else a private local Ray started here; yields the base URL.
 
-    Ends exactly what it started: the Serve instance and the Ray it initialised, never other Rays.
+    Ends exactly what it started: the Serve instance, and the Ray if it initialised one, never other Rays.
     """
     import ray
     from ray import serve
@@ -209,7 +211,9 @@ def serve_app(serve_cfg, registry_root: str | None, num_cpus: int = 2, start_tim
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
     port = free_port()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _run(build_application(serve_cfg, registry_root), name="rayllm", route_prefix="/", _blocking=False)
@@ -226,7 +230,8 @@ def serve_app(serve_cfg, registry_root: str | None, num_cpus: int = 2, start_tim
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            if own_ray:
+                ray.shutdown()
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 

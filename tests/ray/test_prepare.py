@@ -13,22 +13,13 @@ from tests.ray.corpus import write_pretrain_corpus, write_sft_corpus
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def read_split(path):
     import pyarrow.dataset as pads
 
     return pads.dataset(str(path), format="parquet").to_table()
 
 
-def test_pretrain_manifest_counts_exactly(tmp_path, local_ray):
+def test_pretrain_manifest_counts_exactly(tmp_path, ray_local):
     expected = write_pretrain_corpus(tmp_path / "raw")
     cfg = DataConfig(inputs=[str(tmp_path / "raw")], output_dir=str(tmp_path / "out"), seq_len=64, val_fraction=0.1,
                      max_chars=4000, max_reject_fraction=0.1, tokenizer={"vocab_size": 400})
@@ -60,7 +51,7 @@ def test_pretrain_manifest_counts_exactly(tmp_path, local_ray):
     assert again == m
 
 
-def test_split_is_the_same_whatever_the_block_layout(tmp_path, local_ray):
+def test_split_is_the_same_whatever_the_block_layout(tmp_path, ray_local):
     write_pretrain_corpus(tmp_path / "raw")
     base = dict(inputs=[str(tmp_path / "raw")], seq_len=64, val_fraction=0.2, max_chars=4000, max_reject_fraction=0.1,
                 tokenizer={"vocab_size": 400})
@@ -71,7 +62,7 @@ def test_split_is_the_same_whatever_the_block_layout(tmp_path, local_ray):
     assert a["splits"]["train"]["tokens"] == b["splits"]["train"]["tokens"]
 
 
-def test_reject_fraction_limit_fails_with_a_clear_message(tmp_path, local_ray):
+def test_reject_fraction_limit_fails_with_a_clear_message(tmp_path, ray_local):
     write_pretrain_corpus(tmp_path / "raw")
     cfg = DataConfig(inputs=[str(tmp_path / "raw")], output_dir=str(tmp_path / "out"), max_chars=4000,
                      max_reject_fraction=0.01, tokenizer={"vocab_size": 400})
@@ -81,7 +72,7 @@ def test_reject_fraction_limit_fails_with_a_clear_message(tmp_path, local_ray):
     assert len((tmp_path / "out.rejects.jsonl").read_text().splitlines()) == 9
 
 
-def test_sft_masks_and_rejects(tmp_path, local_ray):
+def test_sft_masks_and_rejects(tmp_path, ray_local):
     expected = write_sft_corpus(tmp_path / "raw")
     cfg = DataConfig(inputs=[str(tmp_path / "raw")], output_dir=str(tmp_path / "out"), mode="sft", seq_len=256,
                      val_fraction=0.0, max_reject_fraction=0.1, tokenizer={"vocab_size": 500})

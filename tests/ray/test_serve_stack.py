@@ -53,7 +53,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, _shared_ray):
     from transformers import AutoTokenizer
 
     from rayllm.config.serve import ServeConfig
@@ -73,6 +73,7 @@ def stack(tmp_path_factory):
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
         preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN,
     )
+    _shared_ray.ensure()
     with serve_app(cfg, str(root / "registry")) as url:
         yield Stack(url, world, registry, AutoTokenizer.from_pretrained(world.base))
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rayllm.config import parse_config
-from tests.ray.train_fixtures import make_dataset, ray_local, tiny_config  # noqa: F401
+from tests.ray.train_fixtures import make_dataset, tiny_config  # noqa: F401
 
 pytestmark = [pytest.mark.slow]
 

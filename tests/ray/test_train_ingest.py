@@ -4,7 +4,7 @@ workers hold every CPU of the local Ray (2 × 1), so Ray Data has none to reserv
 
 import pytest
 
-from tests.ray.train_fixtures import ray_local, read_metrics, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import torch
 
 from rayllm.model import base_fingerprint, gguf_cache_dir, gguf_to_hf, load_model, load_tokenizer, smollm2_gguf
 from rayllm.train.plan import shape_from_hf
-from tests.ray.train_fixtures import make_dataset, ray_local, step_losses, tiny_config, train  # noqa: F401
+from tests.ray.train_fixtures import make_dataset, step_losses, tiny_config, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]

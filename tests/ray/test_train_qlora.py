@@ -11,7 +11,7 @@ from rayllm.config import ModelConfig
 from rayllm.model import build_model, load_model, load_tokenizer
 from rayllm.train.plan import shape_from_hf
 from rayllm.train.preflight import QLORA_ON_CPU_ENV
-from tests.ray.train_fixtures import ray_local, read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from tests.ray.train_fixtures import ray_local, read_metrics, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -56,7 +56,7 @@ def _base_model(tmp_path, dataset):
 
 
 @pytest.mark.timeout(900)
-def test_run_dir_and_checkpoints_on_s3_resume_and_publish(s3, tmp_path, monkeypatch):
+def test_run_dir_and_checkpoints_on_s3_resume_and_publish(own_ray, s3, tmp_path, monkeypatch):
     from rayllm.registry import Registry
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

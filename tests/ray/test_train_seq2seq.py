@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.ray.train_fixtures import make_dataset, ray_local, step_losses, tiny_config, train  # noqa: F401
+from tests.ray.train_fixtures import make_dataset, step_losses, tiny_config, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 T5 = {"arch": "t5", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "dtype": "float32"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rayllm.dtypes import resolve_dtype
-from tests.ray.train_fixtures import ray_local, read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

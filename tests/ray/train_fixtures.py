@@ -146,35 +146,6 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A private 2-CPU Ray for one test module, always shut down (never `ray stop`: others share the machine).
-
-    Ray Train V2's PlacementGroupCleaner asks the state API whether the run's controller is alive,
-    without an address: on a machine with other Ray clusters it can ask one of those, hear "dead",
-    and remove our live placement group. Pointing RAY_API_SERVER_ADDRESS (inherited by our workers)
-    at our own dashboard keeps the answer ours."""
-    import socket
-
-    import ray
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             object_store_memory=256 * 2**20)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
-
-
-@pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("dataset"), seq_len=64)
 
