@@ -1,10 +1,10 @@
 """The baseline side of train_overhead.py: a plain DeepSpeed training loop, started by DeepSpeed's own
 launcher (one process per rank, no Ray), on exactly what rayllm's workers receive.
 
-    deepspeed --num_accelerators 2 benchmarks/_ds_baseline.py --spec SPEC.json
+    deepspeed --num_accelerators 2 benchmarks/_ds_baseline.py --spec SPEC.pkl
 
-SPEC.json holds `loop_config` (the dict `rayllm.train.trainer.loop_config` hands every Ray Train
-worker), `steps`, `warmup` and `out`. From it this script builds the same model (`build_model`,
+SPEC.pkl holds `spec` (the `rayllm.train.spec.RunSpec` every Ray Train worker receives), `steps`,
+`warmup` and `out`. From it this script builds the same model (`build_model`,
 same ModelConfig and seed), the same DeepSpeed config (`rayllm.train.zero.deepspeed_config`), the
 same AdamW groups and LR schedule, and reads the same parquet shards in the same order and batch
 shape (rayllm's reader). The loop is the minimal one: forward, token-mean cross-entropy,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -26,40 +27,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", required=True, help="JSON written by train_overhead.py.")
+    ap.add_argument("--spec", required=True, help="Pickle written by train_overhead.py.")
     ap.add_argument("--local_rank", type=int, default=0, help="Passed by the deepspeed launcher.")
     args = ap.parse_args()
-    spec = json.loads(Path(args.spec).read_text())
-    config = spec["loop_config"]
+    spec = pickle.loads(Path(args.spec).read_bytes())
+    run = spec["spec"]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", config["torch_extensions_dir"])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", run.torch_extensions_dir)
 
     import deepspeed
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from rayllm.config import ModelConfig, TrainConfig
-    from rayllm.model import build_model, load_tokenizer, resolve_dtype
-    from rayllm.train.batching import Batching
+    from rayllm.dtypes import resolve_dtype
+    from rayllm.model import build_model, load_tokenizer
     from rayllm.train.data import PackedSplit, StreamOrder, micro_slice
-    from rayllm.train.loop import param_groups
+    from rayllm.train.worker import param_groups
     from rayllm.train.schedule import build_scheduler
     from rayllm.train.zero import deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")  # what Ray Train's TorchConfig uses on CPU
     rank, world = dist.get_rank(), dist.get_world_size()
-    tcfg, mcfg = TrainConfig.model_validate(config["train"]), ModelConfig.model_validate(config["model"])
-    b = Batching(**config["batching"])
+    tcfg, mcfg, b = run.train, run.model, run.batching
     dtype = resolve_dtype(mcfg.dtype, use_gpu=False)  # the same `auto` rule as the rayllm workers
-    tokenizer = load_tokenizer(config["tokenizer_dir"])
+    tokenizer = load_tokenizer(run.tokenizer_dir)
     model = build_model(mcfg, tokenizer, dtype, seed=tcfg.seed)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, tcfg.weight_decay),
-        config=deepspeed_config(tcfg, b, dtype, config["planned_trainable_params"]),
+        config=deepspeed_config(tcfg, b, dtype, run.planned_trainable_params),
         lr_scheduler=lambda opt: build_scheduler(tcfg, opt),
     )
-    train = PackedSplit.read(config["dataset"], "train")
+    train = PackedSplit.read(run.dataset, "train")
     order = StreamOrder(len(train), tcfg.seed)
 
     steps, warmup = spec["steps"], spec["warmup"]

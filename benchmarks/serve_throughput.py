@@ -38,7 +38,7 @@ from tests.ray.serve_fixtures import build_adapter, cached_world, free_port, ser
 
 
 def machine() -> str:
-    from rayllm.model import bf16_supported
+    from rayllm.dtypes import bf16_supported
 
     return (f"CPU capability {cpu_capability()}, bf16 {'yes' if bf16_supported(False) else 'no'}, "
             f"{os.cpu_count()} cores")
@@ -181,7 +181,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from rayllm.config.serve import ServeConfig
-    from rayllm.model import bf16_supported, resolve_base
+    from rayllm.dtypes import bf16_supported
+    from rayllm.model import resolve_base
     from rayllm.registry.store import Registry
 
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16_supported(False) else "float32")

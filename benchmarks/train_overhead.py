@@ -12,7 +12,7 @@ micro-batch 4, ZeRO-2, gloo, one torch thread per rank.
             metrics.jsonl every `logging_steps` (10). Ray workers run at niceness 0
             (RAY_worker_niceness=0), like the baseline processes.
   baseline: benchmarks/_ds_baseline.py under `deepspeed --num_accelerators 2` (no Ray): the same
-            loop_config dict the rayllm workers receive, hence the same model, seed, DeepSpeed
+            RunSpec the rayllm workers receive (pickled), hence the same model, seed, DeepSpeed
             config (rayllm.train.zero.deepspeed_config), data order and batch shape.
 Measured: steady-state tokens/s on rank 0's wall clock from the end of step `--warmup` to the end of
 the last step (rayllm: the `time` of those two records in metrics.jsonl; baseline: its own clock at
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import math
 import os
 import socket
@@ -59,7 +60,7 @@ def machine() -> str:
     import ray
     import torch
 
-    from rayllm.model import resolve_dtype
+    from rayllm.dtypes import resolve_dtype
 
     return (f"CPU capability {cpu_capability()}, dtype {resolve_dtype('auto', False)} (auto), {os.cpu_count()} cores; "
             f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}")
@@ -71,10 +72,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def setup(work: Path, steps: int, warmup: int) -> tuple[dict, dict]:
-    """The prepared dataset, the raw rayllm config, and the loop_config its workers would receive."""
+def setup(work: Path, steps: int, warmup: int):
+    """The prepared dataset, the raw rayllm config, and the RunSpec its workers would receive."""
     from rayllm.config import parse_config
-    from rayllm.train.trainer import loop_config, prepare_run
+    from rayllm.train.spec import run_spec
+    from rayllm.train.trainer import prepare_run
     from tests.ray.train_fixtures import make_dataset
 
     data = work / "data"
@@ -89,7 +91,7 @@ def setup(work: Path, steps: int, warmup: int) -> tuple[dict, dict]:
     }
     cfg = parse_config(raw)
     pre, run_dir = prepare_run(cfg, dry=True)
-    return raw, loop_config(cfg, pre, run_dir)
+    return raw, run_spec(cfg, pre, run_dir)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict, timeout: int):
@@ -114,10 +116,10 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout: int):
     return time.perf_counter() - t0, cpu
 
 
-def side_baseline(work: Path, loop_cfg: dict, steps: int, warmup: int, i: int, timeout: int) -> dict:
-    spec = work / f"baseline-{i}.json"
+def side_baseline(work: Path, run_spec, steps: int, warmup: int, i: int, timeout: int) -> dict:
+    spec = work / f"baseline-{i}.pkl"
     out = work / f"baseline-{i}.result.json"
-    spec.write_text(json.dumps({"loop_config": loop_cfg, "steps": steps, "warmup": warmup, "out": str(out)}))
+    spec.write_bytes(pickle.dumps({"spec": run_spec, "steps": steps, "warmup": warmup, "out": str(out)}))
     # The CPU accelerator counts NUMA nodes as devices unless LOCAL_SIZE says otherwise.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "2"}
     cmd = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", "2", "--master_addr", "127.0.0.1",
@@ -168,11 +170,11 @@ def main() -> int:
     where = machine()
     cap = cpu_capability()
     print(f"[train_overhead] {where}")
-    raw, loop_cfg = setup(work, args.steps, args.warmup)
-    b = loop_cfg["batching"]
-    tokens_per_step = b["micro_batch_size"] * b["gradient_accumulation_steps"] * b["num_workers"] * b["seq_len"]
-    print(f"[train_overhead] 4-layer d=256 Llama, ZeRO-2, {b['num_workers']} ranks × micro-batch {b['micro_batch_size']} × "
-          f"{b['seq_len']} tokens = {tokens_per_step:,} tokens/step; timing steps {args.warmup + 1}..{args.steps}; work dir {work}")
+    raw, spec = setup(work, args.steps, args.warmup)
+    b = spec.batching
+    tokens_per_step = b.tokens_per_step
+    print(f"[train_overhead] 4-layer d=256 Llama, ZeRO-2, {b.num_workers} ranks × micro-batch {b.micro_batch_size} × "
+          f"{b.seq_len} tokens = {tokens_per_step:,} tokens/step; timing steps {args.warmup + 1}..{args.steps}; work dir {work}")
 
     runs: dict[str, list[dict]] = {"baseline": [], "rayllm": []}
     figures: dict[str, list[Figure]] = {"baseline": [], "rayllm": []}
@@ -181,7 +183,7 @@ def main() -> int:
             for side in ("baseline", "rayllm"):
                 waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
                 if side == "baseline":
-                    r = side_baseline(work, loop_cfg, args.steps, args.warmup, i, args.timeout)
+                    r = side_baseline(work, spec, args.steps, args.warmup, i, args.timeout)
                 else:
                     r = side_rayllm(work, raw, args.steps, args.warmup, tokens_per_step, i, args.timeout)
                 c = r["cpu"]

@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# The dtype rule lives in rayllm.dtypes (shared with serving); re-exported because benchmarks/ import it from here.
-from rayllm.dtypes import bf16_supported, resolve_dtype  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
