@@ -14,6 +14,7 @@ import numpy as np
 
 from rayllm.config.data import DataConfig
 from rayllm.data.clean import Cleaned, clean_pretrain, clean_sft, content_hash, parse_json_line, split_of, split_paragraphs
+from rayllm.storage import is_uri
 
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".lz4")
 RAW_SAMPLE_CHARS = 500
@@ -54,7 +55,7 @@ def resolve_inputs(inputs: list[str]) -> list[str]:
         matches = [m for m in sorted(matches) if not m.rsplit("/", 1)[-1].startswith(".") and fs.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"data.inputs: {spec!r} matches no file")
-        files += [fs.unstrip_protocol(m) if "://" in spec else m for m in matches]
+        files += [fs.unstrip_protocol(m) if is_uri(spec) else m for m in matches]
     return sorted(dict.fromkeys(files))
 
 

@@ -30,13 +30,6 @@ class AdapterFacts:
     base_fingerprint: str | None
 
 
-def base_fingerprint(model_dir: str | Path) -> str:
-    """The fingerprint adapters trained on `model_dir` carry (training writes it with the same function)."""
-    from rayllm.model import base_fingerprint as model_fingerprint
-
-    return model_fingerprint(model_dir)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
