@@ -58,6 +58,9 @@ def ingest(train_cfg) -> dict:
         files = [str(f) for f in shard_files(dataset, split)]
         datasets[split] = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
             _read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": list(COLUMNS)}, num_cpus=READ_TASK_CPUS)
+        # Each worker runs this read itself: its progress bars would be forwarded to the driver and
+        # redrawn there for minutes (hundreds of thousands of lines, cutting rayllm's own step lines).
+        datasets[split].context.enable_progress_bars = False
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=options)}
