@@ -57,5 +57,14 @@ if [ ! -s "$corpus_dir/botchan.txt" ]; then
   rm -rf "$tmp"
 fi
 
+# DeepSpeed's CPU accelerator compiles its shared-memory collective op on first use (~45 s on 2
+# cores); build it now into the cache every rayllm run on this machine uses (rayllm.train.spec).
+if [ "$FLAVOR" = cpu ]; then
+  echo "setup: building DeepSpeed's CPU shared-memory comm op (once per machine)"
+  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/rayllm/torch_extensions}" \
+    "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+    || echo "setup: could not prebuild it; DeepSpeed builds it on first use"
+fi
+
 "$VENV/bin/python" -c "import rayllm, torch, ray, transformers; print('setup: ok', 'torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 echo "$want" > "$stamp"
