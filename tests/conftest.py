@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def _shared_ray():
-    from tests.shared_ray import SharedRay
+    from tests.shared_ray import SHARED
 
-    shared = SharedRay()
     try:
-        yield shared
+        yield SHARED
     finally:
-        shared.stop()
+        SHARED.stop()
+
+
+def pytest_runtest_setup(item):
+    """Only tests that share the session's Ray run beside it (see tests/shared_ray.py)."""
+    if "_shared_ray" not in item.fixturenames and "tests.shared_ray" in sys.modules:
+        sys.modules["tests.shared_ray"].SHARED.stop()
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """One private 2-CPU Ray for every in-process real-stack test that can share it.
 
 Starting Ray costs 5-10 s on 2 cores; one per test module added about a minute to the suite. The
-Ray starts on first use and lives until the session ends, or until a test that needs a Ray of its
-own (one whose workers must inherit environment set inside the test, such as the S3 endpoint)
-asks for it to stop; the next sharing test starts it again.
+Ray starts on first use and lives until the session ends, or until a test that does not share it
+runs: one that starts its own Ray (whose workers must inherit environment set inside the test, such
+as the S3 endpoint), a subprocess test, or a unit test (an idle Ray still spends CPU, and unit tests
+check that nothing started one). The next sharing test starts it again.
 
 Never `ray stop`: other Rays may share the machine. Only what `ray.init` started here is shut down.
 """
@@ -76,3 +77,6 @@ def _restore(saved: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+SHARED = SharedRay()  # the one per test session (tests/conftest.py)

@@ -19,7 +19,7 @@ def trace(run_dir):
 
 @pytest.mark.timeout(300)
 def test_stop_and_rerun_matches_a_straight_run(ray_local, tiny_dataset, tmp_path):
-    common = dict(gradient_accumulation_steps=2, max_steps=12, save_every=6, eval_every=6)
+    common = dict(gradient_accumulation_steps=2, max_steps=12, save_every=6, eval_every=6, ingest="ray_data")
     straight = train(tiny_config(tiny_dataset, tmp_path, run_name="straight", **common))
     first = train(tiny_config(tiny_dataset, tmp_path, run_name="split", stop_at_step=6, **common))
     assert first["status"] == "stopped" and first["step"] == 6
@@ -65,7 +65,8 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tiny_dat
     killer.start()
     try:
         result = train(tiny_config(tiny_dataset, tmp_path, run_name="killed", max_steps=60, save_every=10, eval_every=10,
-                                   micro_batch_size=8, gradient_accumulation_steps=4, max_failures=2))
+                                   micro_batch_size=8, gradient_accumulation_steps=4, max_failures=2,
+                                   ingest="ray_data"))  # a restarted worker group reads again through Ray Data
     finally:
         stop.set()
     assert len(killed) == 1, "the worker was not killed while the run was going"
