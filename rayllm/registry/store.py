@@ -32,6 +32,9 @@ from rayllm.storage import url_to_fs
 
 RefLike = str | AdapterRef  # every method taking a ref takes the text a user typed or a parsed AdapterRef
 
+# What publish writes into a manifest; `record` adds figures beside these, never over them.
+_FACTS = {"schema_version", "name", "version", "created_at", "files", "base_fingerprint", "base_model", "rank",
+          "target_modules", "config_hash", "metrics", "source_run"}
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)(\.claim)?$")
 
 
@@ -202,6 +205,21 @@ class Registry:
             return self.resolve(ref, rng=rng, verify=True)
         found = self.resolve(ref, rng=rng, verify=False)  # one weighted pick; fetch then names the exact version
         return self.fetch(found.ref, os.path.join(cache_dir, found.name, f"v{found.version}"))
+
+    def record(self, ref: RefLike, section: str, key: str, value: Any) -> dict[str, Any]:
+        """Set `manifest[section][key] = value` on one committed version (figures measured after
+        publishing, e.g. `eval`) and return the manifest. The files and their checksums are never
+        touched, so `verify` is unaffected; two writers racing on one version: the last one wins."""
+        r = AdapterRef.parse(ref)
+        if r.version is None:
+            raise RegistryError(f"record needs one version, {r.name}@vN, not {str(r)!r}")
+        if section in _FACTS:
+            raise RegistryError(f"manifest key {section!r} is written at publish time and cannot be changed")
+        manifest = self._committed_manifest(r.name, r.version)
+        entries = manifest.get(section)
+        manifest[section] = {**(entries if isinstance(entries, dict) else {}), key: value}
+        write_json_atomic(self.fs, f"{self._vdir(r.name, r.version)}/{MANIFEST}", manifest, self._local)
+        return manifest
 
     # -- aliases ----------------------------------------------------------------------------
     def get_alias(self, alias_ref: RefLike) -> Alias | None:
