@@ -246,8 +246,12 @@ class Registry:
         found = [self.get_alias(AdapterRef.of_alias(name, _base(p)[:-5])) for p in sorted(paths)]
         return [a for a in found if a is not None]
 
-    def promote(self, alias_ref: RefLike, targets: TargetSpec) -> Alias:
-        """Point `name:alias` at one version (`3`, `"v3"`) or a weighted split (`{3: 90, 4: 10}`)."""
+    def promote(self, alias_ref: RefLike, targets: TargetSpec, note: dict[str, Any] | None = None) -> Alias:
+        """Point `name:alias` at one version (`3`, `"v3"`) or a weighted split (`{3: 90, 4: 10}`).
+
+        `note` (e.g. the promotion gate's figures, or that it was skipped) is kept in the alias file
+        with the targets it explains, and moves into the history with them on the next promote.
+        """
         r = AdapterRef.parse_alias(alias_ref)
         name, alias_name = r.name, r.alias
         new = parse_targets(targets)
@@ -255,10 +259,18 @@ class Registry:
         for t in new:  # an alias may only ever name complete versions
             self._committed_manifest(name, t.version)
         old = self.get_alias(alias_ref)
-        history = [] if old is None else [*old.history, {"targets": old.to_json()["targets"], "updated_at": old.updated_at}]
+        history = [] if old is None else [*old.history, {"targets": old.to_json()["targets"], "updated_at": old.updated_at,
+                                                        **({"note": n} if (n := self._note(name, alias_name)) else {})}]
         alias = Alias(name, alias_name, new, _now(), history)
-        write_json_atomic(self.fs, self._alias_path(name, alias_name), alias.to_json(), self._local)
+        write_json_atomic(self.fs, self._alias_path(name, alias_name), {**alias.to_json(), **({"note": note} if note else {})},
+                          self._local)
         return alias
+
+    def _note(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The note kept with an alias's current targets (Alias itself holds targets and history only)."""
+        path = self._alias_path(name, alias)
+        note = (read_json(self.fs, path, self.url(path)) or {}).get("note")
+        return note if isinstance(note, dict) else None
 
     def rollback(self, alias_ref: RefLike) -> Alias:
         """Return `name:alias` to the targets it had before its last promote."""
@@ -299,7 +311,9 @@ class Registry:
             for t in alias.targets:
                 self.resolve(AdapterRef.of_version(r.name, t.version), verify=verify)
             shares = {f"v{v}": s for v, s in alias.shares().items()}
-            return {"ref": alias.ref, "kind": "alias", "verified": verify, "shares": shares, **alias.to_json()}
+            note = self._note(r.name, r.alias)
+            return {"ref": alias.ref, "kind": "alias", "verified": verify, "shares": shares, **alias.to_json(),
+                    **({"note": note} if note else {})}
         found = self.resolve(r, verify=verify)
         pointing = [a.ref for a in self.aliases(r.name) if any(t.version == found.version for t in a.targets)]
         return {"ref": found.ref, "kind": "version", "verified": verify, "path": found.path,

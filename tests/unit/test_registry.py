@@ -298,3 +298,21 @@ def test_adapter_ref_is_built_printed_and_parsed_one_way() -> None:
                   lambda: AdapterRef.parse_alias("support@v3")):
         with pytest.raises(InvalidNameError):
             build()
+
+
+def test_promote_note_is_kept_with_its_targets_and_moves_into_history(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    src = tmp_path / "ad"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj"]}')
+    reg.publish("n", src)
+    reg.publish("n", src)
+    reg.promote("n:prod", 1, note={"gate": "skipped"})
+    assert reg.show("n:prod")["note"] == {"gate": "skipped"}
+    reg.promote("n:prod", 2, note={"gate": "passed", "served_ppl": 3.0})
+    info = reg.show("n:prod")
+    assert info["note"]["gate"] == "passed"
+    assert info["history"][-1]["note"] == {"gate": "skipped"} and info["history"][-1]["targets"][0]["version"] == 1
+    reg.promote("n:prod", 1)
+    assert "note" not in reg.show("n:prod") and reg.show("n:prod")["history"][-1]["note"]["gate"] == "passed"
+    assert reg.rollback("n:prod").targets[0].version == 2
