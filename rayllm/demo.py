@@ -101,25 +101,35 @@ def stage_sweep(workdir: Path, address: str | None) -> None:
         "train": _train_section(workdir, "sft", "sweep", 24, 1e-3),
         "tune": {"learning_rate": {"type": "grid", "values": [3e-4, 2e-3, 1e-2]}, "grace_period": 6, "reduction_factor": 2,
                  "max_concurrent_trials": 1, "output_dir": str(workdir / "sweeps"), "name": "lr",
-                 "publish_as": "botchan", "promote_alias": "prod"},
+                 "publish_as": "botchan"},  # promoted by the serve stage, through the gate on its own endpoint
         "registry": {"path": str(workdir / "registry")},
     })
     run(load_config(path), address=address)
 
 
 def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> None:
-    """Serve the base and the promoted adapter, answer one request with each, shut down."""
+    """Serve the base and the sweep's newest version, promote `botchan:prod` to it through the gate
+    (its perplexity measured on this endpoint must match its trainer's), answer with each, shut down."""
     from rayllm.config import load_config
+    from rayllm.dtypes import bf16_supported
+    from rayllm.registry import Registry
     from rayllm.serve.deploy import deploy, undeploy
 
+    registry = Registry(str(workdir / "registry"))
+    candidate = registry.resolve("botchan", verify=False)  # the sweep's newest publish
     path = _write_config(workdir, "serve", {
         "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
-                  "preload_adapters": ["botchan:prod"], "port": port},
-        "registry": {"path": str(workdir / "registry")},
+                  "preload_adapters": [candidate.ref], "port": port},
+        "registry": {"path": str(workdir / "registry"),
+                     "gate": {"endpoint": f"http://127.0.0.1:{port}", "dataset": str(workdir / "data" / "sft"),
+                              # trainer and vLLM round bf16 differently: where `auto` means bf16 the figures drift
+                              # further apart than in fp32 (where they agree to ~1e-4)
+                              "tolerance": 0.03 if bf16_supported(False) else 0.01}},
     })
     cfg = load_config(path)
     url = deploy(cfg)
     try:
+        _promote_through_gate(registry, candidate.version, cfg)
         from openai import OpenAI
 
         client = OpenAI(base_url=url, api_key="unused")
@@ -130,6 +140,19 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> None:
             print(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r}")
     finally:
         undeploy(cfg)
+
+
+def _promote_through_gate(registry, version: int, cfg) -> None:
+    """`rayllm registry --config serve.yaml promote botchan:prod vN`, in code; a rerun finding the alias
+    already there measures nothing. Waits until the endpoint resolves the alias (serve.registry_refresh_s)."""
+    from rayllm.registry import Target, gate
+
+    current = registry.get_alias("botchan:prod")
+    if current is None or current.targets != (Target(version),):
+        started = time.time()
+        gate.promote(registry, "botchan:prod", version, cfg.registry.gate, by="demo", say=print)
+        print(f"botchan:prod → v{version} (gate measured in {time.time() - started:.1f} s)")
+    time.sleep(cfg.serve.registry_refresh_s + 0.5)  # the endpoint re-reads aliases this often
 
 
 STAGES: dict[str, Callable[[Path, str | None], None]] = {

@@ -45,9 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("show", help="Show a version's manifest or an alias's split and history.")
     p.add_argument("ref", metavar="REF", help="NAME, NAME@vN or NAME:ALIAS")
     p.add_argument("--verify", action="store_true", help="Re-hash every file against the manifest.")
-    p = sub.add_parser("promote", help="Point NAME:ALIAS at a version, or split traffic: v3=90 v4=10.")
+    p = sub.add_parser("promote", help="Point NAME:ALIAS at a version, or split traffic: v3=90 v4=10, once each new "
+                                       "version passed the gate (its perplexity through registry.gate.endpoint).")
     p.add_argument("alias_ref", metavar="NAME:ALIAS")
     p.add_argument("targets", nargs="+", metavar="VERSION[=WEIGHT]")
+    p.add_argument("--skip-gate", action="store_true", help="Move the alias without measuring; recorded in the alias history.")
+    p.add_argument("--endpoint", default=None, help="Endpoint serving this registry; overrides registry.gate.endpoint.")
     p = sub.add_parser("rollback", help="Return NAME:ALIAS to its previous target.")
     p.add_argument("alias_ref", metavar="NAME:ALIAS")
     p = sub.add_parser("delete", help="Delete NAME@vN (refused while an alias points at it) or NAME:ALIAS.")
@@ -88,8 +91,11 @@ def _print_show(info: dict[str, Any]) -> None:
             version = f"v{t['version']}"
             rows.append([version, f"{t['weight']:g}", f"{100 * info['shares'][version]:.4g}%"])
         print(table(["VERSION", "WEIGHT", "SHARE"], rows))
+        if info.get("note"):
+            print(f"  {_note(info['note'])}")
         for entry in reversed(info["history"]):
-            print(f"  before {entry.get('updated_at', '?')}: " + ", ".join(f"v{t['version']}={t['weight']:g}" for t in entry["targets"]))
+            print(f"  before {entry.get('updated_at', '?')}: " + ", ".join(f"v{t['version']}={t['weight']:g}" for t in entry["targets"])
+                  + (f"  ({_note(entry['note'])})" if entry.get("note") else ""))
     else:
         m = info["manifest"]
         print(info["ref"])
@@ -102,6 +108,28 @@ def _print_show(info: dict[str, Any]) -> None:
         print(table(["  FILE", "BYTES", "SHA256"], [[f"  {rel}", str(f["size"]), f["sha256"][:16]] for rel, f in sorted(m["files"].items())]))
     if info["verified"]:
         print("checksums verified")
+
+
+def _note(note: dict[str, Any]) -> str:
+    """How a promotion was decided, in one line."""
+    if note.get("gate") == "skipped":
+        return f"gate skipped ({note.get('by', '?')})"
+    figures = ", ".join(f"v{v['ref'].rsplit('@v', 1)[-1]} served ppl {v['served_ppl']:.4f} vs trainer {v['trainer_ppl']:.4f}"
+                        for v in note.get("verdicts", []))
+    return f"gate passed ({note.get('by', '?')}" + (f": {figures})" if figures else ")")
+
+
+def _promote(registry: Registry, args: argparse.Namespace, registry_config: "RegistryConfig | None") -> None:
+    from rayllm.config.gate import GateConfig
+    from rayllm.registry import gate
+
+    gate_cfg = registry_config.gate if registry_config is not None else GateConfig()
+    if args.endpoint:
+        gate_cfg = gate_cfg.model_copy(update={"endpoint": args.endpoint})
+    before = registry.get_alias(args.alias_ref)
+    alias = gate.promote(registry, args.alias_ref, args.targets, gate_cfg, skip=args.skip_gate, by="registry promote", say=print)
+    print(f"{alias.ref} -> {alias.describe()}" + (f" (was {before.describe()})" if before else "")
+          + (" [gate skipped]" if args.skip_gate else ""))
 
 
 def run(args: argparse.Namespace, registry_config: "RegistryConfig | None" = None) -> int:
@@ -120,9 +148,7 @@ def run(args: argparse.Namespace, registry_config: "RegistryConfig | None" = Non
         elif verb == "show":
             _print_show(registry.show(args.ref, verify=args.verify))
         elif verb == "promote":
-            before = registry.get_alias(args.alias_ref)
-            alias = registry.promote(args.alias_ref, args.targets)
-            print(f"{alias.ref} -> {alias.describe()}" + (f" (was {before.describe()})" if before else ""))
+            _promote(registry, args, registry_config)
         elif verb == "rollback":
             before = registry.get_alias(args.alias_ref)
             alias = registry.rollback(args.alias_ref)

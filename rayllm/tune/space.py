@@ -9,7 +9,7 @@ from typing import Any
 from rayllm.config.tune import TuneConfig
 
 # Settings a rerun may change: they act after the trials (publishing) or locate the sweep.
-_RERUN_FREE = {"publish_as", "promote_alias", "promote_margin", "output_dir", "name"}
+_RERUN_FREE = {"publish_as", "promote_alias", "promote_margin", "promote_skip_gate", "output_dir", "name"}
 
 
 def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:

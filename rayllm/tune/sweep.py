@@ -89,7 +89,11 @@ def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> Tria
 
 def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
     """Run the sweep, or resume it when `tune.output_dir`/`tune.name` already holds one."""
+    from rayllm.registry.gate import gate_problems
+
     problems = check_sweep(cfg)
+    if cfg.tune.publish_as:
+        problems += gate_problems(cfg.tune.promote_alias, cfg.registry.gate, cfg.tune.promote_skip_gate)
     if problems:
         raise ConfigError("config", problems)
     from rayllm.train.trainer import prepare_run
@@ -180,7 +184,8 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float)
 
 
 def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
-    from rayllm.registry import AdapterRef, Registry
+    from rayllm.registry import AdapterRef, Registry, RegistryError
+    from rayllm.registry import gate
     from rayllm.registry.promotion import promote_if_better
 
     if not best.adapter_dir:
@@ -188,20 +193,40 @@ def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
         return {"published": None}
     registry = Registry(cfg.registry.path)
     name = cfg.tune.publish_as
+    train = cfg.train.model_dump(mode="json")
     already = [a.ref for a, _ in registry.list(name)] if name in registry.names() else []
     same = [r for r in already if registry.show(r).get("manifest", {}).get("source_run") == best.trial]
     if same:  # a rerun of a finished sweep publishes nothing twice
         ref = same[-1]
         print(f"sweep: {best.trial} is already published as {ref}")
     else:
-        ref = registry.publish(name, best.adapter_dir, metrics={"val_loss": best.best_val_loss, "learning_rate": best.learning_rate},
-                               source_run=best.trial)
+        # val_loss/val_ppl stay the adapter folder's own: the figure of the exported (final) weights,
+        # which is what the promotion gate measures again through the endpoint. The trial's best
+        # evaluation on the way may have been an earlier step's weights.
+        metrics = {"best_val_loss": best.best_val_loss, "learning_rate": best.learning_rate}
+        if (n := gate.trainer_sequences(train, cfg.train.dataset)) is not None:
+            metrics["val_sequences"] = n
+        ref = registry.publish(name, best.adapter_dir, metrics=metrics, source_run=best.trial)
         print(f"sweep: published {best.trial} as {ref}")
     out: dict[str, Any] = {"published": ref, "promoted": False}
     if cfg.tune.promote_alias:
         version = AdapterRef.parse(ref).version
-        out["promoted"] = promote_if_better(registry, cfg.tune.publish_as, cfg.tune.promote_alias, version,
-                                            metric="val_loss", margin=cfg.tune.promote_margin)
         alias = AdapterRef.of_alias(cfg.tune.publish_as, cfg.tune.promote_alias)
-        print(f"sweep: {alias} → {ref}" if out["promoted"] else f"sweep: {alias} kept (the new version is not better by {cfg.tune.promote_margin})")
+        move = lambda a, v: gate.promote(registry, a, v, cfg.registry.gate, skip=cfg.tune.promote_skip_gate,  # noqa: E731
+                                         by=f"sweep {cfg.tune.name}", train=train, say=print)
+        try:
+            out["promoted"] = promote_if_better(registry, cfg.tune.publish_as, cfg.tune.promote_alias, version,
+                                                metric="val_loss", margin=cfg.tune.promote_margin, move=move)
+        except gate.GateRefused as e:  # the sweep's results stand; production stays where it was
+            print(f"sweep: {alias} kept: {e}")
+            out["gate"] = e.verdict.to_json()
+            return out
+        except RegistryError as e:
+            print(f"sweep: {alias} kept: {e}")
+            out["gate_error"] = str(e)
+            return out
+        skipped = " (gate skipped: tune.promote_skip_gate)" if cfg.tune.promote_skip_gate else ""
+        print(f"sweep: {alias} → {ref}{skipped}" if out["promoted"]
+              else f"sweep: {alias} kept (the new version is not better by {cfg.tune.promote_margin})")
     return out
+

@@ -41,7 +41,7 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
     raw["tune"] = {"learning_rate": {"type": "grid", "values": [2e-2, 1e-6, 3e-3]}, "grace_period": 3, "reduction_factor": 2,
                    "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
-                   "publish_as": "tiny", "promote_alias": "prod"}
+                   "publish_as": "tiny", "promote_alias": "prod", "promote_skip_gate": True}
     raw["registry"] = {"path": str(tmp_path / "registry")}
     cfg = parse_config(raw)
 
@@ -59,7 +59,11 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     reg = Registry(str(tmp_path / "registry"))
     assert summary["published"] == "tiny@v1" and summary["promoted"] is True
     resolved = reg.resolve("tiny:prod")
-    assert resolved.version == 1 and resolved.manifest["metrics"]["val_loss"] == pytest.approx(float(best["best_val_loss"]))
+    # val_loss is the exported (final) weights' figure, the one the promotion gate checks; the best on the way is kept too
+    assert resolved.version == 1 and resolved.manifest["metrics"]["val_loss"] == pytest.approx(float(best["final_val_loss"]))
+    assert resolved.manifest["metrics"]["best_val_loss"] == pytest.approx(float(best["best_val_loss"]))
+    assert resolved.manifest["metrics"]["val_sequences"] == 8  # eval_batches 1 × micro 4 × 2 workers
+    assert reg.show("tiny:prod")["note"]["gate"] == "skipped"  # the explicit skip is on record
     assert resolved.manifest["rank"] == 4
 
     # The same command again restores the finished sweep: nothing is trained or published twice.
@@ -131,7 +135,7 @@ def test_sweep_killed_mid_way_resumes_and_runs_every_grid_point_once(ray_local, 
     raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
     raw["tune"] = {"learning_rate": {"type": "grid", "values": [3e-3, 1e-2, 2e-2]}, "grace_period": 120,
                    "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
-                   "publish_as": "tiny", "promote_alias": "prod"}
+                   "publish_as": "tiny", "promote_alias": "prod", "promote_skip_gate": True}
     raw["registry"] = {"path": str(tmp_path / "registry")}
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -255,7 +255,7 @@ def test_cli_verbs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(root, "publish", "support", str(src), "--metrics", '{"val_loss": 1.25}') == 0
     assert _cli(root, "publish", "support", str(src)) == 0
     assert capsys.readouterr().out.split() == ["support@v1", "support@v2"]
-    assert _cli(root, "promote", "support:prod", "v1=90", "v2=10") == 0
+    assert _cli(root, "promote", "support:prod", "v1=90", "v2=10", "--skip-gate") == 0  # no endpoint here: tests/unit/test_gate.py
     assert "support:prod -> v1 90% / v2 10%" in capsys.readouterr().out
     assert _cli(root, "list") == 0
     out = capsys.readouterr().out.splitlines()
@@ -269,7 +269,7 @@ def test_cli_verbs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(root, "delete", "support@v2") == 1
     assert "alias support:prod" in capsys.readouterr().err
     assert _cli(root, "rollback", "support:prod") == 1  # first promote: nothing to roll back to
-    assert _cli(root, "promote", "support:prod", "v1") == 0
+    assert _cli(root, "promote", "support:prod", "v1", "--skip-gate") == 0
     assert _cli(root, "rollback", "support:prod") == 0
     assert "support:prod -> v1 90% / v2 10% (was v1)" in capsys.readouterr().out
     assert _cli(root, "publish", "../evil", str(src)) == 1

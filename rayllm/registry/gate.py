@@ -1,0 +1,249 @@
+"""The promotion gate: before an alias moves to a version, measure that version through the live endpoint.
+
+The candidate `name@vN` is asked for by its exact version (serving routes it to that registry
+version and names it in the answer), over the val sequences its trainer evaluated, with token-id
+prompts as lm-eval sends them (rayllm.eval.served). Its validation perplexity must equal the
+trainer's own figure in the version's manifest within `registry.gate.tolerance` (relative). When
+it does not, the weights that answer are not the weights that were judged in training — a wrong
+tokenizer or chat template behind the data, an adapter config not the one trained, an adapter
+for another base, a LoRA kernel bug in the serving engine — and the alias stays where it was.
+
+Every decision is stored beside what it judged: the figures go into the version's manifest
+(section `gate`, keyed by alias) and, for a promotion that happened, into the alias file with the
+targets they explain (the note moves into the alias history on the next promote). Skipping the
+gate is a flag that is recorded the same way.
+
+The gate calls the registry, never the reverse (the store knows nothing about endpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+from rayllm.registry.names import AdapterRef, RegistryError
+from rayllm.registry.resolve import Alias, TargetSpec, parse_targets
+from rayllm.registry.store import Registry, RefLike
+
+if TYPE_CHECKING:
+    from rayllm.config.gate import GateConfig
+
+SECTION = "gate"  # the manifest section the gate writes (Registry.record)
+NO_ENDPOINT = ("registry.gate.endpoint is empty, so the version cannot be measured before the alias moves; "
+               "set registry.gate.endpoint to the endpoint serving this registry, or skip the gate explicitly "
+               "(`rayllm registry promote ... --skip-gate`, tune.promote_skip_gate: true)")
+
+
+class GateRefused(RegistryError):
+    """The gate measured a version and refused it; `verdict` holds both figures."""
+
+    def __init__(self, verdict: "Verdict"):
+        self.verdict = verdict
+        super().__init__(verdict.message())
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the trainer's figure covers: the first `sequences` val rows of `dataset`, with or without document masking."""
+
+    dataset: str
+    sequences: int | None
+    document_masking: bool
+    source: str  # where these came from, for the record
+
+
+@dataclass
+class Verdict:
+    ref: str
+    passed: bool
+    trainer_ppl: float | None
+    served_ppl: float | None
+    rel_diff: float | None
+    tolerance: float
+    endpoint: str
+    tokens: int = 0
+    sequences: int = 0
+    cause: str = ""
+    measured_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def message(self) -> str:
+        """One line: the decision, both figures, and (on refusal) the likely cause."""
+        figures = (f"served val ppl {_fmt(self.served_ppl)} vs trainer's {_fmt(self.trainer_ppl)}"
+                   + (f" ({100 * self.rel_diff:.2f}% apart, tolerance {100 * self.tolerance:g}%)" if self.rel_diff is not None else ""))
+        if self.passed:
+            return f"gate passed for {self.ref}: {figures}, {self.tokens} tokens of {self.sequences} val sequences at {self.endpoint}"
+        return f"gate refused {self.ref}: {figures}; likely cause: {self.cause}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+# -- decision logic (pure) ----------------------------------------------------------------------
+def trainer_ppl(manifest: dict[str, Any], ref: str) -> float:
+    """The trainer's validation perplexity of these weights: metrics.val_ppl, else exp(metrics.val_loss)."""
+    metrics = manifest.get("metrics") or {}
+    for key, f in (("val_ppl", float), ("val_loss", lambda v: math.exp(min(float(v), 50.0)))):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return f(value)
+    raise RegistryError(f"{ref} has no finite val_loss or val_ppl in its manifest's metrics, so the gate has nothing to "
+                        "compare with; publish the adapter folder training wrote (its rayllm_adapter.json holds them) "
+                        "or pass --metrics '{\"val_loss\": ...}'")
+
+
+def likely_cause(trainer: float, served: float) -> str:
+    """Words for a mismatch, from its direction and size."""
+    if served > trainer:
+        return ("the served weights do not compute what training computed: an adapter_config.json (alpha, rank, target "
+                "modules) other than the one trained, an adapter for another base, data tokenized with another "
+                "tokenizer or rendered with another chat template than the served model's, or a LoRA kernel bug "
+                "in the serving engine")
+    return ("the endpoint scores better than training did: the trainer's figure belongs to other weights (a metrics "
+            "entry copied from another run) or the data differs from the trainer's val split (another tokenizer "
+            "or chat template)")
+
+
+def judge(ref: str, trainer: float, served: dict[str, Any], tolerance: float, endpoint: str) -> Verdict:
+    """Pass when |served - trainer| / trainer <= tolerance."""
+    rel = abs(served["ppl"] - trainer) / trainer
+    passed = rel <= tolerance
+    return Verdict(ref, passed, trainer, served["ppl"], rel, tolerance, endpoint, int(served["tokens"]),
+                   int(served["sequences"]), "" if passed else likely_cause(trainer, served["ppl"]))
+
+
+def endpoint_cause(message: str) -> str:
+    """Words for a measurement that failed, from the endpoint's own error."""
+    if "fingerprint" in message:
+        return "an adapter for another base (the server refused it)"
+    if "does not exist" in message or "HTTP 404" in message:
+        return "the endpoint does not serve this registry (its registry root differs from this one)"
+    return "the endpoint could not be measured"
+
+
+# -- what the trainer's figure covers -------------------------------------------------------------
+def _run_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The config.yaml of the run that produced the version, when source_run is a readable run folder."""
+    import yaml
+
+    from rayllm.storage import url_to_fs
+
+    run = manifest.get("source_run")
+    if not isinstance(run, str) or not run:
+        return None
+    try:
+        fs, path = url_to_fs(run)
+        with fs.open(f"{path.rstrip('/')}/config.yaml", "r") as f:
+            data = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def trainer_sequences(train: dict[str, Any], dataset: str) -> int | None:
+    """Val rows `loop.evaluate` covers for this train section: eval micro-batches × micro batch × workers."""
+    from rayllm.train.batching import Batching, eval_micro_batches
+    from rayllm.train.data import read_manifest
+
+    try:
+        manifest = read_manifest(dataset)
+    except (OSError, ValueError):
+        return None
+    micro, workers = int(train.get("micro_batch_size", 4)), int(train.get("num_workers", 2))
+    b = Batching(micro, int(train.get("gradient_accumulation_steps", 1)), workers, int(manifest["seq_len"]))
+    n = eval_micro_batches(b, int(train.get("eval_batches", 8)), int(manifest["splits"]["val"]["sequences"]))
+    return n * micro * workers
+
+
+def scope_for(manifest: dict[str, Any], gate: "GateConfig", train: dict[str, Any] | None, ref: str) -> Scope:
+    """The dataset, row count and masking of the trainer's figure: the version's own run first (its
+    config.yaml), then the caller's train section; `registry.gate` overrides dataset and caps rows."""
+    run = _run_config(manifest)
+    found = (run or {}).get("train") or {}
+    source = "run config" if found else "this config's train section"
+    train_section = found or train or {}
+    dataset = gate.dataset or train_section.get("dataset")
+    if not dataset:
+        raise RegistryError(f"{ref}: no dataset to measure on: set registry.gate.dataset to the prepared dataset the "
+                            "version was trained on (its run's config.yaml was not found)")
+    recorded = (manifest.get("metrics") or {}).get("val_sequences")
+    sequences = int(recorded) if isinstance(recorded, int) else trainer_sequences(train_section, dataset)
+    if gate.max_sequences is not None:
+        sequences = gate.max_sequences if sequences is None else min(sequences, gate.max_sequences)
+    return Scope(str(dataset), sequences, bool(train_section.get("document_masking", True)), source)
+
+
+# -- measuring and promoting --------------------------------------------------------------------
+Measure = Callable[["GateConfig", str, Scope], dict[str, Any]]
+
+
+def measure_served(gate: "GateConfig", model: str, scope: Scope) -> dict[str, Any]:
+    """The real measurement: rayllm.eval.served against registry.gate.endpoint."""
+    from rayllm.eval.served import api_key_from_env, served_perplexity
+
+    return served_perplexity(gate.endpoint, model, scope.dataset, sequences=scope.sequences,
+                             document_masking=scope.document_masking, api_key=api_key_from_env(gate.api_key_env),
+                             timeout_s=gate.timeout_s, concurrency=gate.concurrency)
+
+
+def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, train: dict[str, Any] | None = None,
+          measure: Measure = measure_served) -> Verdict:
+    """Measure one version through the endpoint and judge it; the verdict is recorded in its manifest."""
+    from rayllm.eval.served import EndpointError
+
+    r = AdapterRef.parse(ref)
+    if r.version is None:
+        raise RegistryError(f"the gate measures one version, {r.name}@vN, not {str(r)!r}")
+    if not gate.endpoint:
+        raise RegistryError(NO_ENDPOINT)
+    manifest = registry.resolve(r, verify=False).manifest
+    expected = trainer_ppl(manifest, str(r))
+    scope = scope_for(manifest, gate, train, str(r))
+    try:
+        served = measure(gate, str(r), scope)
+    except EndpointError as e:
+        if e.status is None or e.status == 401:  # the endpoint, not the version, is the problem: nothing to record
+            raise RegistryError(f"gate: {e}") from None
+        verdict = Verdict(str(r), False, expected, None, None, gate.tolerance, gate.endpoint, cause=f"{endpoint_cause(str(e))} ({e})")
+    else:
+        verdict = judge(str(r), expected, served, gate.tolerance, gate.endpoint)
+    registry.record(r, SECTION, alias, {**verdict.to_json(), "dataset": scope.dataset, "document_masking": scope.document_masking})
+    return verdict
+
+
+def promote(registry: Registry, alias_ref: RefLike, targets: TargetSpec, gate: "GateConfig", *, skip: bool = False,
+            by: str = "registry promote", train: dict[str, Any] | None = None, measure: Measure = measure_served,
+            say: Callable[[str], None] | None = None) -> Alias:
+    """Move `name:alias` to `targets` once every version new to it has passed the gate (or `skip` says not to
+    measure). Raises GateRefused, alias untouched, on the first version refused. `say` gets each verdict's line."""
+    a = AdapterRef.parse_alias(alias_ref)
+    new = parse_targets(targets)
+    current = registry.get_alias(a)
+    serving = {t.version for t in current.targets} if current else set()
+    note: dict[str, Any] = {"by": by, "gate": "skipped" if skip else "passed"}
+    if not skip:
+        verdicts = []
+        for t in new:
+            if t.version in serving:  # already took this alias's traffic: judged when it first did
+                continue
+            verdict = check(registry, AdapterRef.of_version(a.name, t.version), gate, str(a), train=train, measure=measure)
+            if not verdict.passed:
+                raise GateRefused(verdict)
+            if say:
+                say(verdict.message())
+            verdicts.append(verdict.to_json())
+        note["verdicts"] = verdicts
+    return registry.promote(a, targets, note=note)
+
+
+def gate_problems(promote_alias: str | None, gate: "GateConfig", skip: bool) -> list[str]:
+    """Config errors of an auto-promotion: promoting needs an endpoint to measure on, or an explicit skip."""
+    if promote_alias and not gate.endpoint and not skip:
+        return [f"tune.promote_alias ({promote_alias}): {NO_ENDPOINT}"]
+    return []
+
