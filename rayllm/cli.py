@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "registry": (None, "Publish, list, show, promote, roll back and delete adapter versions."),
     "export": (None, "Turn a training checkpoint into an HF folder, or merge a LoRA adapter into its base."),
     "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
+    "eval": ("eval", "Score models, adapters, registry versions and endpoints side by side: perplexity, generation tasks, lm-eval."),
     "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
 }
 
@@ -90,6 +91,16 @@ def _run_verb(verb: str, cfg: RayllmConfig, args: argparse.Namespace) -> int:
         from rayllm.serve.deploy import run
 
         return run(cfg, address=args.address)
+    if verb == "eval":
+        from rayllm.eval.run import run
+        from rayllm.eval.targets import EvalError
+
+        try:
+            run(cfg, address=args.address, source=args.config)
+        except EvalError as exc:
+            print(f"rayllm: eval: {exc}", file=sys.stderr)
+            return 2
+        return 0
     raise SystemExit(f"rayllm: unknown verb {verb}")
 
 

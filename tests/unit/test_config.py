@@ -46,7 +46,7 @@ def test_missing_key_wrong_literal_and_cross_field_rules():
 
 
 def test_unknown_section_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key; valid keys here: data, model, registry, serve, storage, train, tune"):
+    with pytest.raises(ConfigError, match="unknown key; valid keys here: data, eval, model, registry, serve, storage, train, tune"):
         parse_config({"dataz": {}})
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "data: [unclosed\n"))
