@@ -8,6 +8,17 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+# Ray Train settings for a Ray that rayllm starts on this machine, read by Ray's own processes (the
+# Train controller), so in the environment before the raylet starts; a value already set wins.
+# A one-node local Ray is never drained, so Train's preemption watcher (one more actor process per
+# run) has nothing to watch; and its controller polls the workers every 2 s by default, which a
+# short run (a sweep trial, the demo) waits out several times. On a cluster Ray's defaults stand.
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,13 +55,24 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    saved_env = {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}
+    os.environ.update({k: os.environ.get(k) or v for k, v in LOCAL_TRAIN_ENV.items()})
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+        _restore(saved_env)
         if dashboard:
             if saved is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
             else:
                 os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
