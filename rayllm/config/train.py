@@ -17,7 +17,22 @@ class SpikeConfig(Section):
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in one run; one more spike fails the run.")
 
 
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model; for ipo the regularisation τ (DPOConfig: beta).")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: the DPO loss; ipo: IPO's squared loss on per-token mean log-ratios (DPOConfig: loss_type).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="sigmoid only: the probability that a preference label is wrong (conservative DPO, cDPO); 0: plain DPO.")
+    precompute_reference: bool = Field(False, description="Compute the reference log-probs of every pair once before step 1; a full fine-tune then frees its reference copy before training (DPOConfig: precompute_ref_log_probs).")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> "DpoConfig":
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to loss_type sigmoid (conservative DPO); set it to 0 for ipo")
+        return self
+
+
 class TrainConfig(Section):
+    objective: Literal["lm", "dpo"] = Field("lm", description="lm: next-token cross-entropy on pretrain or sft data (seq2seq for an encoder-decoder model); dpo: direct preference optimisation on a preference dataset (data.mode: preference).")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings, used when objective is dpo.")
     dataset: str = Field(..., description="Prepared dataset folder (the output_dir of `rayllm prepare`, holding manifest.json).")
     output_dir: str = Field("runs/train", description="Run directory root, a shared disk or an object-store URI (s3://bucket/runs); the run lives in output_dir/run_name. Rerunning the same command resumes.")
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run (a folder name).")

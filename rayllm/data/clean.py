@@ -25,7 +25,8 @@ REJECT_REASONS = (
     "empty",  # nothing left after cleaning
     "too_short",  # fewer than min_chars after cleaning
     "too_long",  # more than max_chars after cleaning
-    "too_many_tokens",  # sft: a conversation longer than seq_len tokens (it cannot be packed whole)
+    "too_many_tokens",  # sft: a conversation longer than seq_len tokens (it cannot be packed whole); preference: a pair's row
+    "identical",  # preference: chosen and rejected are the same response
 )
 
 # C0/C1 controls except tab and newline, plus zero-width characters and the byte-order mark.

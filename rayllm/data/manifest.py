@@ -37,6 +37,7 @@ def summary_table(m: dict[str, Any]) -> str:
     lines += [
         f"  duplicates removed     {m['duplicates_removed']:>12,}",
         f"  documents kept         {m['documents']:>12,}",
+        *([f"  preference pairs       {m['pairs']:>12,}  (one per row: chosen and rejected)"] if "pairs" in m else []),
         "",
         f"  {'split':<8}{'documents':>12}{'sequences':>12}{'tokens':>14}{'pad tokens':>12}",
     ]

@@ -101,6 +101,10 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     _check_rejects(rejects, rows_in, cfg, failed_file)  # fail early, before tokenizing
     kept = cleaned.filter(lambda r: r["reject"] == "").select_columns(["content", "hash", "split"])
     n_kept = rows_in - sum(rejects.counts.values())
+    if n_kept == 0:  # max_reject_fraction 1 let it through; nothing is left to tokenize
+        rejects.write(failed_file)
+        what = "preference pairs" if cfg.mode == "preference" else "rows"
+        raise PrepareError(f"no valid {what} in {rows_in:,} rows; rejects: {rejects.counts}; samples in {failed_file}")
     unique = _dedup(kept, n_kept, cleaned.num_blocks()) if cfg.dedup else kept
     unique = unique.materialize()
     n_unique = unique.count()
@@ -111,8 +115,8 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     from rayllm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    if cfg.mode == "sft":
-        unique = _sft_drop_long(unique, cfg, str(tokenizer_dir), rejects, pool)
+    if cfg.mode in ("sft", "preference"):
+        unique = _render_drop_long(unique, cfg, str(tokenizer_dir), rejects, pool)
     split_stats = {}
     for name in SPLITS:
         ds = unique.filter(lambda r, s=name: r["split"] == s)
@@ -120,6 +124,10 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
             ds = ds.materialize()
         split_stats[name] = _tokenize_and_write(ds, cfg, str(tokenizer_dir), tok.eos_token_id, tok.pad_token_id, stage / name, pool)
     fraction = _check_rejects(rejects, rows_in, cfg, failed_file)
+    pairs = {name: s["sequences"] for name, s in split_stats.items()} if cfg.mode == "preference" else None
+    if pairs is not None and not sum(pairs.values()):
+        rejects.write(failed_file)
+        raise PrepareError(f"no valid preference pairs in {rows_in:,} rows; rejects: {rejects.counts}; samples in {failed_file}")
     rows_rejected = sum(rejects.counts.values())
     rejects.write(stage / "rejects.jsonl")
     failed_file.unlink(missing_ok=True)
@@ -140,6 +148,7 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
         "duplicates_removed": n_kept - n_unique,
         "documents": sum(s["documents"] for s in split_stats.values()),
         "splits": split_stats,
+        **({"pairs": sum(pairs.values())} if pairs is not None else {}),
     }
 
 
@@ -244,7 +253,11 @@ def _tokenizer_texts(unique, n_unique: int, cfg: DataConfig) -> Iterator[str]:
     for batch in unique.iter_batches(batch_size=1024, batch_format="numpy"):
         for content, digest, split in zip(batch["content"], batch["hash"], batch["split"]):
             if split == "train" and (keep >= 1.0 or int(digest[:8], 16) / 16**8 < keep):
-                if cfg.mode == "sft":
+                if cfg.mode == "preference":
+                    from rayllm.data.preference import pair_text
+
+                    yield pair_text(content)
+                elif cfg.mode == "sft":
                     yield "\n".join(m["content"] for m in json.loads(content))
                 else:
                     yield content
@@ -255,7 +268,7 @@ def _tokenizer(cfg: DataConfig, unique, n_unique: int, out_dir: Path) -> str:
         from rayllm.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.tokenizer.path)
-        if not tok.chat_template and cfg.mode == "sft":
+        if not tok.chat_template and cfg.mode in ("sft", "preference"):
             from rayllm.chat import DEFAULT_CHAT_TEMPLATE
 
             tok.chat_template = cfg.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
@@ -280,12 +293,14 @@ def _block_too_long(block: dict[str, np.ndarray], seq_len: int, limit: int):
     return _summary(splits, "split", counts, samples)
 
 
-def _sft_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects, pool: bool):
-    """Renders every conversation (both splits in one pass), counts those longer than seq_len as
-    rejects (train's samples first), and returns the rest."""
+def _render_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects, pool: bool):
+    """Renders every conversation (sft) or pair (preference), both splits in one pass, counts those
+    longer than seq_len as rejects (train's samples first), and returns the rest."""
+    from rayllm.data.preference import PreferenceRender
     from rayllm.data.tokenize import SftRender
 
-    rendered = _map_stage(ds, SftRender, {"tokenizer_dir": tokenizer_dir}, cfg, 256, pool).materialize()
+    render = PreferenceRender if cfg.mode == "preference" else SftRender
+    rendered = _map_stage(ds, render, {"tokenizer_dir": tokenizer_dir}, cfg, 256, pool).materialize()
     per_block = rendered.select_columns(["n", "split", "content"]).map_batches(
         _block_too_long, fn_kwargs={"seq_len": cfg.seq_len, "limit": cfg.rejects_sample}, batch_size=None,
         batch_format="numpy").take_all()
@@ -299,7 +314,11 @@ def _sft_drop_long(ds, cfg: DataConfig, tokenizer_dir: str, rejects: _Rejects, p
 def _tokenize_and_write(ds, cfg: DataConfig, tokenizer_dir: str, eos_id: int, pad_id: int, out: Path, pool: bool) -> dict[str, int]:
     from rayllm.data.tokenize import PretrainTokenizePack, pack_sft
 
-    if cfg.mode == "sft":
+    if cfg.mode == "preference":  # one pair per row, never split across rows
+        from rayllm.data.preference import pair_rows
+
+        packed = ds.map_batches(pair_rows, fn_kwargs={"seq_len": cfg.seq_len, "pad_id": pad_id}, batch_size=cfg.batch_size, batch_format="numpy")
+    elif cfg.mode == "sft":
         packed = ds.map_batches(pack_sft, fn_kwargs={"seq_len": cfg.seq_len, "pad_id": pad_id}, batch_size=cfg.batch_size, batch_format="numpy")
     else:
         init = {"tokenizer_dir": tokenizer_dir, "seq_len": cfg.seq_len, "threads": max(1, int(cfg.actor_cpus)),

@@ -86,6 +86,10 @@ def _rows(cleaned: list[Cleaned], raws: list[str], cfg: DataConfig) -> dict[str,
 
 
 def _clean_record(record: Any, cfg: DataConfig) -> Cleaned:
+    if cfg.mode == "preference":
+        from rayllm.data.preference import clean_preference
+
+        return clean_preference(record, cfg)
     return clean_sft(record, cfg) if cfg.mode == "sft" else clean_pretrain(record, cfg)
 
 
@@ -113,8 +117,8 @@ def clean_text_files(batch: dict[str, np.ndarray], cfg: DataConfig) -> dict[str,
             units += [line for line in text.splitlines() if line.strip()]
         else:
             units += split_paragraphs(text)
-    if cfg.mode == "sft":
-        cleaned = [Cleaned(reject="wrong_type", detail="sft needs jsonl or parquet records, got plain text")] * len(units)
+    if cfg.mode != "pretrain":
+        cleaned = [Cleaned(reject="wrong_type", detail=f"{cfg.mode} needs jsonl or parquet records, got plain text")] * len(units)
     else:
         cleaned = [clean_pretrain(u, cfg) for u in units]
     return _rows(cleaned, units, cfg)

@@ -143,6 +143,8 @@ def log_step(run: Run, state: ckpt.TrainState, loss: float, idx, tokens_per_s: f
               "peak_mem_gib": peak_memory_gib(t.use_gpu)}
     if (u := mfu(tokens_per_s, run.flops_per_token, run.peak_flops, run.world)) is not None:
         record["mfu"] = u
+    if run.objective is not None:  # DPO: the reward figures since the last logged step
+        record.update(run.objective.step_metrics(run.device))
     record = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
     run.log.log(record)
     if run.rank == 0:
@@ -158,9 +160,13 @@ def maybe_eval_and_save(run: Run, state: ckpt.TrainState, loss: float, last_eval
     # Every report carries a fresh val loss: Tune's schedulers rank trials by it.
     do_eval = state.step % t.eval_every == 0 or state.step == t.max_steps or do_save
     if do_eval and run.spec.eval_micro_batches > 0:
-        val_loss, val_ppl = evaluate(run.engine, run.val, run.spec.eval_micro_batches, run.spec.batching.micro_batch_size,
-                                     run.rank, run.world, t.document_masking, run.device)
-        last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
+        if run.objective is not None:  # DPO: val loss and reward figures
+            last_eval = run.objective.evaluate(run.engine, run.val, run.spec.eval_micro_batches, run.spec.batching.micro_batch_size,
+                                               run.rank, run.world, run.device)
+        else:
+            val_loss, val_ppl = evaluate(run.engine, run.val, run.spec.eval_micro_batches, run.spec.batching.micro_batch_size,
+                                         run.rank, run.world, t.document_masking, run.device)
+            last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
         run.log.log({"event": "eval", "step": state.step, **last_eval})
     if not (do_eval or do_save):
         return last_eval

@@ -57,6 +57,7 @@ class Settings:
     bucket: int = 50_000_000
     accum: int = 1
     quant_bits: int = 0  # 4: a QLoRA base, its frozen linear layers in NF4
+    reference_params: int = 0  # DPO full fine-tune: a frozen reference copy (sharded like the params under ZeRO-3)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def model_states(shape: Shape, s: Settings) -> tuple[dict[str, float], dict[str,
         device["optimizer"] = (8 if p == 4 else 16) * psi
     else:
         (host if s.offload_optimizer else device)["optimizer"] = 16 * psi / n
+    if s.reference_params:
+        (host if s.offload_param else device)["reference"] = p * s.reference_params / (n if s.stage == 3 else 1)
     return device, host
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rayllm.config import ConfigError
 from rayllm.dtypes import cpu_capability
+from rayllm.train import dpo
 from rayllm.train import plan as P
 from rayllm.train.batching import Batching, batching, check_batching, eval_micro_batches
 from rayllm.train.data import read_manifest
@@ -174,6 +175,7 @@ def preflight(cfg, address: str | None = None) -> Preflight:
     hf_config = hf_config_of(m, base_dir, tokenizer) if base_dir or m.path is None else None
     if hf_config is not None:
         _arch_problems(cfg, hf_config, manifest, problems)
+    problems += dpo.preflight_problems(cfg, manifest, hf_config)
     b = batching(t, seq_len)
     problems += check_batching(b, splits["train"]["sequences"], splits["val"]["sequences"])
     if problems:
@@ -185,7 +187,7 @@ def preflight(cfg, address: str | None = None) -> Preflight:
         dtype_bytes=4 if dtype == "float32" else 2, offload_optimizer=t.offload_optimizer != "none",
         offload_param=t.offload_param != "none", gradient_checkpointing=t.gradient_checkpointing, use_gpu=t.use_gpu,
         bucket=bucket_elements(t, shape.trainable_params), accum=t.gradient_accumulation_steps,
-        quant_bits=4 if m.quantization == "4bit" else 0,
+        quant_bits=4 if m.quantization == "4bit" else 0, reference_params=dpo.reference_params(cfg, shape.total_params),
     )
     local = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     capacity = capacity_for(t, local)(t.num_workers)

@@ -49,14 +49,16 @@ class Run:
     # ZeRO-3 only: transformers keeps just a weak reference to its HfDeepSpeedConfig and asks it whether
     # ZeRO-3 is on whenever it creates, loads or saves weights; holding it here keeps it alive for the run.
     hf_ds_config: Any
-    train: PackedSplit  # or Seq2SeqSplit (same interface)
+    train: PackedSplit  # or Seq2SeqSplit, dpo.PreferenceSplit (same interface)
     val: PackedSplit
     order: StreamOrder
-    loss_fn: Callable  # loop.micro_loss, or the spike test hook around it
+    loss_fn: Callable  # loop.micro_loss or the dpo.Dpo objective, or the spike test hook around it
     trainable_params: int
     total_params: int
     flops_per_token: float
     peak_flops: float | None  # None where unknown (CPUs): no MFU
+    objective: Any = None  # dpo.Dpo: its reward figures join the step, eval and result records
+    keep_alive: Any = None  # a DPO full fine-tune's reference under ZeRO-3: its HfDeepSpeedConfig
 
     @property
     def lora(self) -> bool:
@@ -91,15 +93,21 @@ def setup(spec: RunSpec) -> tuple[Run, ckpt.TrainState]:
     trainable, total = count_trainable(model)
     hf_config = model.get_base_model().config if m.lora is not None else model.config
     train, val = read_splits(t.ingest, spec.dataset, spec.batching.seq_len, hf_config)
+    objective = keep_alive = None
+    if t.objective == "dpo":
+        from rayllm.train import dpo
+
+        objective, train, val, keep_alive = dpo.setup(spec, engine, train, val, tokenizer, dtype, device, rank, world,
+                                                      spec.eval_micro_batches)
     store = RunStore.on_worker(spec.run_dir, spec.run_uri)
     state, resumed = resume(engine, store, rank, strict=m.lora is None)
-    loss_fn = micro_loss
+    loss_fn = objective or micro_loss
     if spec.inject_spike_at:  # test hook (spike.INJECT_ENV): NaN losses at those steps, through the real backward
-        loss_fn = nan_loss_at(micro_loss, spec.inject_spike_at, spec.batching.gradient_accumulation_steps)
+        loss_fn = nan_loss_at(loss_fn, spec.inject_spike_at, spec.batching.gradient_accumulation_steps)
     run = Run(spec=spec, rank=rank, world=world, device=device, nodes=nodes, dtype=dtype, store=store,
               log=MetricsLog(store.local, rank == 0, t.report_to, spec.wandb, resume_step=state.step),
               tokenizer=tokenizer, hf_config=hf_config, engine=engine, scheduler=scheduler, hf_ds_config=hf_ds_config,
-              train=train, val=val, order=StreamOrder(len(train), t.seed), loss_fn=loss_fn,
+              train=train, val=val, order=StreamOrder(len(train), t.seed), loss_fn=loss_fn, objective=objective, keep_alive=keep_alive,
               trainable_params=trainable, total_params=total, peak_flops=device_peak_flops(t.use_gpu),
               flops_per_token=flops_per_token(total, hf_config.num_hidden_layers, hf_config.hidden_size, spec.batching.seq_len))
     run.log.log({"event": "start", "step": state.step, "dtype": dtype, "world": world, "trainable_params": trainable,
@@ -208,7 +216,8 @@ def resume(engine, store: RunStore, rank: int, strict: bool) -> tuple[ckpt.Train
 def finish(run: Run, state: ckpt.TrainState, last_eval: dict) -> None:
     """A finished run exports its adapter or model (collective); one stopped early on purpose
     (stop_at_step) has its checkpoint as output. Rank 0 then writes result.json."""
-    final = {"step": state.step, "loss": state.history[-1] if state.history else None, **last_eval,
+    final = {"step": state.step, "loss": state.history[-1] if state.history else None,
+             **(run.objective.last_train if run.objective else {}), **last_eval,
              "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen, "dtype": run.dtype}
     out = {"status": "stopped" if state.step < run.spec.train.max_steps else "finished", **final,
            "run_dir": run.store.location, "config_hash": run.spec.config_hash, "trainable_params": run.trainable_params,

@@ -41,7 +41,7 @@ def test_missing_key_wrong_literal_and_cross_field_rules():
         parse_config({"data": {"inputs": ["x"], "mode": "chat"}, "train": {"dataset": "d", "zero_stage": 2, "offload_param": "cpu"}})
     text = str(err.value)
     assert "data.output_dir: required key is missing" in text
-    assert "data.mode" in text and "'pretrain' or 'sft'" in text
+    assert "data.mode" in text and "'pretrain', 'sft' or 'preference'" in text
     assert "offload_param=cpu needs zero_stage 3" in text
 
 
