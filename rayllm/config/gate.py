@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rayllm.config.base import Section
+from rayllm.config.eval import GenerationTask
 
 
 class GateConfig(Section):
@@ -15,3 +16,13 @@ class GateConfig(Section):
     max_sequences: int | None = Field(None, ge=1, description="Cap on the val sequences measured; empty: exactly the ones the trainer's val_loss covers (a like-for-like figure). A lower cap is faster but adds sampling noise: widen tolerance with it.")
     timeout_s: float = Field(30.0, gt=0, description="Timeout of each request to the endpoint (an unreachable endpoint fails within this, not forever).")
     concurrency: int = Field(4, ge=1, description="Requests in flight at once while measuring.")
+    generation: GenerationTask | None = Field(None, description="Optional generation task (as in eval.generation) run through the endpoint for the candidate and the alias's current version; the candidate's generation_metric must not fall below the current one's by more than generation_margin.")
+    generation_metric: str = Field("rougeL", description="The task metric compared (bleu, rougeL, exact_match or f1; ×100, higher is better).")
+    generation_margin: float = Field(0.0, ge=0, description="Points (on the ×100 scale) the candidate may score below the alias's current version.")
+
+    @model_validator(mode="after")
+    def _metric_in_task(self) -> "GateConfig":
+        if self.generation is not None and self.generation_metric not in self.generation.metrics:
+            raise ValueError(f"generation_metric {self.generation_metric!r} is not among generation.metrics "
+                             f"{self.generation.metrics}; add it there or choose one of them")
+        return self

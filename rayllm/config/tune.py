@@ -36,5 +36,6 @@ class TuneConfig(Section):
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Sweep name; rerunning the same name resumes it.")
     publish_as: str | None = Field(None, description="Registry name the best trial's adapter is published under (empty: not published).")
     promote_alias: str | None = Field(None, description="Alias moved to the published version when it beats the current one.")
+    evaluate: bool = Field(False, description="Evaluate every finished trial's adapter with this config's `eval:` section (its own targets stay, as baselines, beside the trials): the figures join the results table and the best trial's go into its published version's manifest.")
     promote_skip_gate: bool = Field(False, description="Promote without measuring through the endpoint (registry.gate); recorded in the alias history. Needed when promote_alias is set and registry.gate.endpoint is empty.")
     promote_margin: float = Field(0.0, ge=0, description="Promote only when val loss improves on the alias's version by at least this much.")

@@ -66,12 +66,17 @@ class Verdict:
     tokens: int = 0
     sequences: int = 0
     cause: str = ""
+    generation: dict[str, Any] | None = None  # {task, metric, candidate, current, current_ref, margin} when compared
     measured_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def message(self) -> str:
         """One line: the decision, both figures, and (on refusal) the likely cause."""
         figures = (f"served val ppl {_fmt(self.served_ppl)} vs trainer's {_fmt(self.trainer_ppl)}"
                    + (f" ({100 * self.rel_diff:.2f}% apart, tolerance {100 * self.tolerance:g}%)" if self.rel_diff is not None else ""))
+        g = self.generation
+        if g:
+            figures += (f"; {g['task']}/{g['metric']} {g['candidate']:.2f} vs {g['current_ref']}'s {g['current']:.2f} "
+                        f"(margin {g['margin']:g})")
         if self.passed:
             return f"gate passed for {self.ref}: {figures}, {self.tokens} tokens of {self.sequences} val sequences at {self.endpoint}"
         return f"gate refused {self.ref}: {figures}; likely cause: {self.cause}"
@@ -124,6 +129,20 @@ def endpoint_cause(message: str) -> str:
     if "does not exist" in message or "HTTP 404" in message:
         return "the endpoint does not serve this registry (its registry root differs from this one)"
     return "the endpoint could not be measured"
+
+
+def judge_generation(verdict: Verdict, task: str, metric: str, candidate: float, current: float, current_ref: str,
+                     margin: float) -> Verdict:
+    """The verdict with the generation comparison added: refused when the candidate scores more than `margin`
+    below the alias's current version (higher is better for every generation metric)."""
+    verdict.generation = {"task": task, "metric": metric, "candidate": candidate, "current": current,
+                          "current_ref": current_ref, "margin": margin}
+    if verdict.passed and candidate < current - margin:
+        verdict.passed = False
+        verdict.cause = (f"it generates worse than {current_ref} on {task} ({metric} {candidate:.2f} < {current:.2f} - "
+                         f"{margin:g}): the perplexity matches training, so the training itself (data, steps, learning "
+                         "rate) made it worse at this task")
+    return verdict
 
 
 # -- what the trainer's figure covers -------------------------------------------------------------
@@ -180,6 +199,7 @@ def scope_for(manifest: dict[str, Any], gate: "GateConfig", train: dict[str, Any
 
 # -- measuring and promoting --------------------------------------------------------------------
 Measure = Callable[["GateConfig", str, Scope], dict[str, Any]]
+MeasureGeneration = Callable[["GateConfig", str], float]
 
 
 def measure_served(gate: "GateConfig", model: str, scope: Scope) -> dict[str, Any]:
@@ -191,9 +211,35 @@ def measure_served(gate: "GateConfig", model: str, scope: Scope) -> dict[str, An
                              timeout_s=gate.timeout_s, concurrency=gate.concurrency)
 
 
+def measure_generation_served(gate: "GateConfig", model: str) -> float:
+    """registry.gate.generation's metric for `model`, generated greedily through the endpoint with the eval
+    stage's own request and scoring code (rayllm.eval.endpoint, rayllm.eval.tasks)."""
+    from rayllm.config.eval import EndpointConfig
+    from rayllm.eval import endpoint, tasks
+
+    g = gate.generation
+    rows = tasks.read_rows(g.path, g.max_rows).rows
+    if not rows:
+        raise RegistryError(f"registry.gate.generation: {g.path} has no valid rows")
+    requests = []
+    for row in rows:
+        messages = tasks.messages_of(row, g.chat)
+        requests.append({**({"messages": messages} if messages else {"prompt": row.prompt}), "max_tokens": g.max_new_tokens})
+    target = EndpointConfig(url=gate.endpoint, model=model, api_key_env=gate.api_key_env or None)
+    got = endpoint.generate(target, requests, concurrency=gate.concurrency, connect_timeout_s=min(gate.timeout_s, 10.0),
+                            request_timeout_s=gate.timeout_s, where=f"gate generation {model}")
+    failed = [a["error"] for a in got if "error" in a]
+    if failed:
+        raise RegistryError(f"gate: {len(failed)} of {len(got)} generation requests for {model} failed; first: {failed[0]}")
+    outputs = [a["text"] for a in got]
+    return tasks.score([gate.generation_metric], outputs, [r.references for r in rows])[gate.generation_metric]
+
+
 def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, train: dict[str, Any] | None = None,
-          measure: Measure = measure_served) -> Verdict:
-    """Measure one version through the endpoint and judge it; the verdict is recorded in its manifest."""
+          measure: Measure = measure_served, current_ref: str | None = None,
+          measure_generation: MeasureGeneration = measure_generation_served) -> Verdict:
+    """Measure one version through the endpoint and judge it; the verdict is recorded in its manifest.
+    With registry.gate.generation and a `current_ref` (the alias's version now), both generate too."""
     from rayllm.eval.served import EndpointError
 
     r = AdapterRef.parse(ref)
@@ -212,26 +258,33 @@ def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, t
         verdict = Verdict(str(r), False, expected, None, None, gate.tolerance, gate.endpoint, cause=f"{endpoint_cause(str(e))} ({e})")
     else:
         verdict = judge(str(r), expected, served, gate.tolerance, gate.endpoint)
+        if verdict.passed and gate.generation is not None and current_ref is not None:
+            verdict = judge_generation(verdict, gate.generation.name, gate.generation_metric, measure_generation(gate, str(r)),
+                                       measure_generation(gate, current_ref), current_ref, gate.generation_margin)
     registry.record(r, SECTION, alias, {**verdict.to_json(), "dataset": scope.dataset, "document_masking": scope.document_masking})
     return verdict
 
 
 def promote(registry: Registry, alias_ref: RefLike, targets: TargetSpec, gate: "GateConfig", *, skip: bool = False,
             by: str = "registry promote", train: dict[str, Any] | None = None, measure: Measure = measure_served,
-            say: Callable[[str], None] | None = None) -> Alias:
+            measure_generation: MeasureGeneration = measure_generation_served, say: Callable[[str], None] | None = None) -> Alias:
     """Move `name:alias` to `targets` once every version new to it has passed the gate (or `skip` says not to
     measure). Raises GateRefused, alias untouched, on the first version refused. `say` gets each verdict's line."""
     a = AdapterRef.parse_alias(alias_ref)
     new = parse_targets(targets)
     current = registry.get_alias(a)
     serving = {t.version for t in current.targets} if current else set()
+    # what a candidate's generation is compared with: the version taking most of the alias's traffic now
+    main = max(current.targets, key=lambda t: t.weight).version if current else None
+    current_ref = str(AdapterRef.of_version(a.name, main)) if main is not None else None
     note: dict[str, Any] = {"by": by, "gate": "skipped" if skip else "passed"}
     if not skip:
         verdicts = []
         for t in new:
             if t.version in serving:  # already took this alias's traffic: judged when it first did
                 continue
-            verdict = check(registry, AdapterRef.of_version(a.name, t.version), gate, str(a), train=train, measure=measure)
+            verdict = check(registry, AdapterRef.of_version(a.name, t.version), gate, str(a), train=train, measure=measure,
+                            current_ref=current_ref, measure_generation=measure_generation)
             if not verdict.passed:
                 raise GateRefused(verdict)
             if say:

@@ -23,10 +23,20 @@ class TrialRow:
     status: str
     adapter_dir: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
+    eval: dict[str, float] = field(default_factory=dict, repr=False)  # `rayllm eval` figures (tune.evaluate)
 
 
 COLUMNS = ["trial", "learning_rate", "warmup_steps", "lora_rank", "best_val_loss", "final_val_loss", "perplexity",
            "steps", "tokens", "wall_s", "stopped_early", "status", "adapter_dir"]
+
+
+def eval_columns(rows: list[TrialRow]) -> list[str]:
+    """`eval_<metric>` for every metric any trial was evaluated on, in first-seen order."""
+    return [f"eval_{m}" for m in dict.fromkeys(m for r in rows for m in r.eval)]
+
+
+def _value(r: TrialRow, column: str):
+    return r.eval.get(column[5:]) if column.startswith("eval_") else getattr(r, column)
 
 
 def best_trial(rows: list[TrialRow]) -> TrialRow | None:
@@ -42,8 +52,8 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[TrialRow], best: TrialRow | None) -> str:
-    shown = [c for c in COLUMNS if c != "adapter_dir"]
-    cells = [[_fmt(getattr(r, c)) + (" *" if r is best and c == "trial" else "") for c in shown] for r in rows]
+    shown = [c for c in COLUMNS if c != "adapter_dir"] + eval_columns(rows)
+    cells = [[_fmt(_value(r, c)) + (" *" if r is best and c == "trial" else "") for c in shown] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -53,11 +63,12 @@ def table(rows: list[TrialRow], best: TrialRow | None) -> str:
 
 
 def write_csv(rows: list[TrialRow], path: Path) -> None:
+    extra = eval_columns(rows)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + extra)
         w.writeheader()
         for r in rows:
-            w.writerow({k: v for k, v in asdict(r).items() if k in COLUMNS})
+            w.writerow({**{k: v for k, v in asdict(r).items() if k in COLUMNS}, **{c: _value(r, c) for c in extra}})
 
 
 def plot(rows: list[TrialRow], best: TrialRow | None, path: Path) -> None:

@@ -94,6 +94,9 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
     problems = check_sweep(cfg)
     if cfg.tune.publish_as:
         problems += gate_problems(cfg.tune.promote_alias, cfg.registry.gate, cfg.tune.promote_skip_gate)
+    if cfg.tune.evaluate and cfg.eval is None:
+        problems.append("tune.evaluate: true needs an eval: section (dataset, generation or harness tasks; its targets "
+                        "are evaluated beside the trials, e.g. the base model); add one or set tune.evaluate: false")
     if problems:
         raise ConfigError("config", problems)
     from rayllm.train.trainer import prepare_run
@@ -144,7 +147,7 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
     if done < expected:
         print(f"sweep: interrupted with {done} of {expected} trials done; run the same command again to resume")
         raise KeyboardInterrupt(f"sweep {out} interrupted")
-    return summarize(cfg, grid, trials_dir, out, time.time() - started)
+    return summarize(cfg, grid, trials_dir, out, time.time() - started, address)
 
 
 def _check_same_sweep(cfg: RayllmConfig, out: Path, resuming: bool) -> None:
@@ -163,27 +166,48 @@ def _check_same_sweep(cfg: RayllmConfig, out: Path, resuming: bool) -> None:
     record.write_text(json.dumps({"fingerprint": mine}, indent=2))
 
 
-def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float) -> dict[str, Any]:
+def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float, address: str | None = None) -> dict[str, Any]:
     manifest = json.loads((Path(cfg.train.dataset) / "manifest.json").read_text())
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * t.num_workers * manifest["seq_len"]
     rows = [_row(r, trials_dir, t.max_steps, tokens_per_step) for r in grid]
     rows.sort(key=lambda r: r.learning_rate)
     best = best_trial(rows)
+    evaluation = evaluate_trials(cfg, rows, out, address) if cfg.tune.evaluate else None
     write_csv(rows, out / "results.csv")
     plot(rows, best, out / "val_loss.png")
     print(table(rows, best))
     summary: dict[str, Any] = {"sweep_dir": str(out), "results_csv": str(out / "results.csv"), "plot": str(out / "val_loss.png"),
                                "trials": len(rows), "stopped_early": sum(r.stopped_early for r in rows), "wall_s": round(wall, 1),
                                "best": best.trial if best else None, "best_val_loss": best.best_val_loss if best else None}
+    if evaluation:
+        summary["eval_report"] = evaluation
     if best and cfg.tune.publish_as:
-        summary.update(publish_best(cfg, best))
+        summary.update(publish_best(cfg, best, evaluation))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"sweep: results in {out} (results.csv, val_loss.png, summary.json)")
     return summary
 
 
-def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
+def evaluate_trials(cfg: RayllmConfig, rows: list[TrialRow], out: Path, address: str | None) -> str | None:
+    """`rayllm eval` with the config's eval: section over every finished trial's adapter (label: the trial
+    id) beside the section's own targets, on the same data; each row gets its figures. Returns the report path."""
+    from rayllm.eval.run import run as run_eval
+
+    done = [r for r in rows if r.status == "finished" and r.adapter_dir]
+    if not done:
+        return None
+    raw = cfg.model_dump(mode="json", exclude_none=True)
+    raw["eval"].update(output_dir=str(out), name="eval",
+                       targets=[*raw["eval"]["targets"], *({"path": r.adapter_dir, "label": r.trial} for r in done)],
+                       record_in_registry=False)  # the best trial's figures are recorded once it is published
+    report = run_eval(parse_config(raw), address)
+    for r in done:
+        r.eval = {k: v for k, v in report["metrics"].get(r.trial, {}).items() if isinstance(v, (int, float))}
+    return str(out / "eval" / "eval.json")
+
+
+def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = None) -> dict[str, Any]:
     from rayllm.registry import AdapterRef, Registry, RegistryError
     from rayllm.registry import gate
     from rayllm.registry.promotion import promote_if_better
@@ -208,6 +232,11 @@ def publish_best(cfg: RayllmConfig, best: TrialRow) -> dict[str, Any]:
             metrics["val_sequences"] = n
         ref = registry.publish(name, best.adapter_dir, metrics=metrics, source_run=best.trial)
         print(f"sweep: published {best.trial} as {ref}")
+        if evaluation and best.eval:  # as `rayllm eval` records a registry version's figures
+            from datetime import datetime, timezone
+
+            registry.record(ref, "eval", f"sweep-{cfg.tune.name}", {"metrics": best.eval, "report": evaluation,
+                                                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     out: dict[str, Any] = {"published": ref, "promoted": False}
     if cfg.tune.promote_alias:
         version = AdapterRef.parse(ref).version

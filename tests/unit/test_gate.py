@@ -120,6 +120,32 @@ def test_endpoint_refusing_the_version_is_a_recorded_refusal_but_an_unreachable_
     assert "gate" not in reg.show("s@v2")["manifest"] and reg.get_alias("s:prod") is None
 
 
+def fake_generation(score_by_ref: dict[str, float], calls: list):
+    """A stand-in for generating a task through the endpoint and scoring it: the score it is told per ref."""
+    def measure(cfg, ref):
+        calls.append(ref)
+        return score_by_ref[ref]
+    return measure
+
+
+def test_generation_metric_must_not_fall_below_the_current_version_by_more_than_the_margin(reg: Registry, tmp_path: Path):
+    from rayllm.config.eval import GenerationTask
+
+    task = GenerationTask(name="qa", path=str(tmp_path / "qa.jsonl"), metrics=["rougeL"])
+    strict = GATE.model_copy(update={"generation": task, "generation_margin": 5.0})
+    calls: list = []
+    gate.promote(reg, "s:prod", 1, strict, measure=fake_measure({"s@v1": 5.0}), measure_generation=fake_generation({}, calls))
+    assert calls == []  # nothing to compare with yet
+    scores = {"s@v1": 50.0, "s@v2": 40.0}
+    with pytest.raises(gate.GateRefused, match=r"qa/rougeL 40.00 vs s@v1's 50.00 .*generates worse"):
+        gate.promote(reg, "s:prod", 2, strict, measure=fake_measure({"s@v2": 4.0}), measure_generation=fake_generation(scores, calls))
+    assert reg.get_alias("s:prod").targets[0].version == 1 and calls == ["s@v2", "s@v1"]
+    assert reg.show("s@v2")["manifest"]["gate"]["s:prod"]["generation"]["candidate"] == 40.0
+    lenient = strict.model_copy(update={"generation_margin": 15.0})
+    gate.promote(reg, "s:prod", 2, lenient, measure=fake_measure({"s@v2": 4.0}), measure_generation=fake_generation(scores, calls))
+    assert reg.show("s:prod")["note"]["verdicts"][0]["generation"]["current_ref"] == "s@v1"
+
+
 def test_promote_if_better_moves_through_the_gate(reg: Registry):
     move = lambda alias, v: gate.promote(reg, alias, v, GATE, by="sweep", measure=fake_measure({"s@v1": 5.0, "s@v2": 9.0}))  # noqa: E731
     assert promote_if_better(reg, "s", "prod", 1, move=move)
@@ -157,6 +183,8 @@ def test_gate_config_is_validated():
         parse_config({"registry": {"gate": {"tolerance": 2, "endpont": "x"}}})
     text = str(e.value)
     assert "registry.gate.tolerance" in text and "registry.gate.endpont: unknown key" in text
+    with pytest.raises(ConfigError, match="generation_metric 'rougeL' is not among generation.metrics"):
+        parse_config({"registry": {"gate": {"generation": {"name": "qa", "path": "qa.jsonl", "metrics": ["bleu"]}}}})
 
 
 # -- what the trainer's figure covers -------------------------------------------------------------

@@ -94,3 +94,25 @@ def test_a_rerun_with_other_settings_is_refused_before_ray_starts(tmp_path):
     other = parse_config({**BASE, "train": {**BASE["train"], "max_steps": 30}})
     with pytest.raises(ConfigError, match="tune.name: .* other model/train/tune settings"):
         _check_same_sweep(other, tmp_path, resuming=True)
+
+
+def test_results_table_and_csv_carry_each_trials_eval_figures(tmp_path):
+    def row(trial, ppl, ev):
+        return TrialRow(trial, 1e-3, None, None, 1.0, 1.0, ppl, 10, 100, 1.0, False, "finished", eval=ev)
+
+    rows = [row("t1", 2.7, {"ppl": 2.71, "qa_bleu": 12.5}), row("t2", 3.0, {}), row("t3", 3.1, {"ppl": 3.1})]
+    write_csv(rows, tmp_path / "results.csv")
+    read = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert list(read[0])[-2:] == ["eval_ppl", "eval_qa_bleu"]
+    assert read[0]["eval_ppl"] == "2.71" and read[0]["eval_qa_bleu"] == "12.5" and read[1]["eval_ppl"] == ""
+    printed = table(rows, rows[0])
+    assert "eval_qa_bleu" in printed.splitlines()[0] and "12.5" in printed
+
+
+def test_sweep_evaluate_needs_an_eval_section(tmp_path):
+    from rayllm.config import ConfigError
+    from rayllm.tune import sweep
+
+    cfg = parse_config({**BASE, "tune": {**BASE["tune"], "evaluate": True}})
+    with pytest.raises(ConfigError, match="tune.evaluate: true needs an eval: section"):
+        sweep.run(cfg)
