@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "plan": ("train", "Estimate per-worker memory for the train config and say whether it fits."),
     "sweep": ("tune", "Sweep learning rates with Ray Tune + ASHA; publish the best adapter."),
     "registry": (None, "Publish, list, show, promote, roll back and delete adapter versions."),
-    "export": (None, "Turn a training checkpoint into an HF folder, or merge a LoRA adapter into its base."),
+    "export": (None, "Turn a training checkpoint into an HF folder, merge a LoRA adapter into its base, or write GGUF for llama.cpp / Ollama."),
     "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
     "eval": ("eval", "Score models, adapters, registry versions and endpoints side by side: perplexity, generation tasks, lm-eval."),
     "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
             mg.add_argument("adapter", help="Adapter folder (PEFT + rayllm_adapter.json).")
             mg.add_argument("out", help="Output HF folder.")
             mg.add_argument("--base", default=None, help="Base model folder (default: base_model in rayllm_adapter.json).")
+            gg = kinds.add_parser("gguf", help="A model folder, adapter folder or registry ref → one GGUF file (+ Ollama Modelfile).")
+            gg.add_argument("src", help="HF model folder, LoRA adapter folder (merged into its base), or registry ref name@vN / name:alias.")
+            gg.add_argument("out", help="Output .gguf file; a Modelfile for Ollama is written beside it.")
+            gg.add_argument("--type", dest="gguf_type", default="f16", choices=["f16", "q8_0", "q4_0"],
+                            help="Weight type of the matrices (norms stay f32). Default f16.")
+            gg.add_argument("--registry", default=None, help="Registry root, when SRC is a registry ref.")
             continue
         if verb == "demo":
             p.add_argument("--workdir", default="runs/demo", help="Where the demo writes its corpus, runs and registry.")
@@ -114,6 +120,15 @@ def _export(args: argparse.Namespace) -> int:
         print(f"rayllm: export {args.export_kind}: {message}", file=sys.stderr)
         return 2
 
+    if args.export_kind == "gguf":
+        from rayllm.gguf_export import GGUFExportError, export_source
+        from rayllm.registry import RegistryError
+
+        try:
+            print(f"rayllm: wrote {export_source(args.src, args.out, args.gguf_type, args.registry)} and a Modelfile beside it")
+        except (GGUFExportError, RegistryError) as exc:
+            return refuse(str(exc))
+        return 0
     if args.export_kind == "checkpoint":
         if not (Path(args.checkpoint) / "hf" / "config.json").is_file():
             return refuse(f"{args.checkpoint} is not a rayllm checkpoint folder (no hf/config.json); "
