@@ -69,3 +69,17 @@ def test_dpo_lora_raises_val_preference_accuracy(ray_local, tmp_path):
         assert isinstance(result[key], float), key
     meta = json.loads((tmp_path / "dpo" / "adapter" / "rayllm_adapter.json").read_text())
     assert meta["metrics"]["val_rewards/accuracies"] == result["val_rewards/accuracies"]
+
+    # A full fine-tune under ZeRO-3: the reference is a sharded frozen copy, run once over both splits
+    # before step 1 (precompute_reference) and then dropped; the rewards start from it all the same.
+    full = train({
+        "model": {"path": str(base), "dtype": "float32"},
+        "train": {"dataset": str(tmp_path / "prepared"), "output_dir": str(tmp_path), "run_name": "dpo-full", "objective": "dpo",
+                  "dpo": {"beta": 0.1, "precompute_reference": True}, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "micro_batch_size": 8, "max_steps": 8, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
+                  "eval_every": 4, "eval_batches": 2, "save_every": 8, "logging_steps": 4, "max_failures": 0,
+                  "zero_stage": 3, "ingest": "files"},
+    })
+    evals = [m for m in read_metrics(tmp_path / "dpo-full") if m.get("event") == "eval"]
+    assert full["status"] == "finished" and (tmp_path / "dpo-full" / "model" / "config.json").is_file()
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < 0.6932 and evals[-1]["val_rewards/margins"] > 0, evals

@@ -204,3 +204,40 @@ def test_preflight_refuses_mismatched_data_and_objective_and_plans_the_reference
     assert "reference" not in pre.plan.device and "reference" not in lora.plan.device
     sharded = preflight(parse_config(tiny_config(pref, tmp_path, objective="dpo", micro_batch_size=2, zero_stage=3, model=dict(model))))
     assert sharded.plan.device["reference"] == 4 * sharded.shape.total_params / 2
+
+
+class _Engine:
+    """What Dpo reads from DeepSpeed's engine: a callable model and `.module` (the PEFT model)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_reference_is_the_disabled_adapter_under_lora_and_the_frozen_copy_otherwise(setup):
+    import copy
+
+    from rayllm.config import LoraConfig
+    from rayllm.model import apply_lora
+
+    tok, rows, _, _ = setup
+    model = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2), tok, seed=0).eval()  # unpatched by TRL
+    batch = PreferenceSplit(rows, tok.pad_token_id).batch(np.arange(3))
+    with torch.no_grad():
+        base_logps, _ = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    peft = apply_lora(copy.deepcopy(model), LoraConfig(rank=4)).eval()
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter: the policy differs from the base
+    lora = Dpo(DpoConfig(), lora=True)
+    with torch.no_grad():
+        assert torch.allclose(lora.reference_logps(_Engine(peft), batch), base_logps, atol=1e-5)
+        losses, chosen, _ = lora.terms(_Engine(peft), batch, "cpu")
+    assert chosen.abs().sum() > 0, "the adapter moves the policy away from its reference"
+
+    full = Dpo(DpoConfig(), lora=False, reference=copy.deepcopy(model))
+    with torch.no_grad():
+        losses, chosen, rejected = full.terms(_Engine(model), batch, "cpu")
+    assert torch.allclose(losses, torch.full_like(losses, np.log(2.0))) and not chosen.any() and not rejected.any()

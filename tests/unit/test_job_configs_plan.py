@@ -39,7 +39,8 @@ def _stand_ins(raw: dict, tmp: Path, tokenizer_dir: Path) -> dict:
     shutil.copytree(tokenizer_dir, dataset / "tokenizer")
     seq_len = 2048 if raw["train"].get("use_gpu") else 128
     splits = {"train": {"sequences": 1_000_000, "tokens": 1_000_000 * seq_len}, "val": {"sequences": 10_000, "tokens": 10_000 * seq_len}}
-    (dataset / "manifest.json").write_text(json.dumps({"schema_version": 1, "mode": "sft", "seq_len": seq_len,
+    (dataset / "manifest.json").write_text(json.dumps({"schema_version": 1, "seq_len": seq_len,
+                                                       "mode": "preference" if raw["train"].get("objective") == "dpo" else "sft",
                                                        "tokenizer": "tokenizer", "splits": splits}))
     raw["train"]["dataset"] = str(dataset)
     if raw.get("model", {}).get("path"):
