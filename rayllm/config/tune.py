@@ -28,6 +28,7 @@ class TuneConfig(Section):
     learning_rate: LearningRateSpace = Field(default_factory=lambda: LearningRateSpace(values=[1e-4, 3e-4, 1e-3]), description="Search space of the learning rate.")
     warmup_steps: list[int] = Field(default_factory=list, description="Grid of warmup steps (empty: train.warmup_steps).")
     lora_rank: list[int] = Field(default_factory=list, description="Grid of LoRA ranks (empty: model.lora.rank).")
+    dpo_beta: list[float] = Field(default_factory=list, description="Grid of DPO betas (train.objective: dpo; empty: train.dpo.beta).")
     num_samples: int = Field(1, ge=1, description="Samples drawn from the space (per grid point).")
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once; bounded by the cluster's resources too.")
     grace_period: int = Field(10, ge=1, description="ASHA: steps every trial runs before it may be stopped.")

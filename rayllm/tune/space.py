@@ -24,12 +24,14 @@ def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
         space["warmup_steps"] = tune.grid_search(list(tune_cfg.warmup_steps))
     if tune_cfg.lora_rank:
         space["lora_rank"] = tune.grid_search(list(tune_cfg.lora_rank))
+    if tune_cfg.dpo_beta:
+        space["dpo_beta"] = tune.grid_search(list(tune_cfg.dpo_beta))
     return space
 
 
 def grid_size(tune_cfg: TuneConfig) -> int:
     """How many trials the sweep makes: every grid combination, num_samples times."""
-    n = tune_cfg.num_samples * max(len(tune_cfg.warmup_steps), 1) * max(len(tune_cfg.lora_rank), 1)
+    n = tune_cfg.num_samples * max(len(tune_cfg.warmup_steps), 1) * max(len(tune_cfg.lora_rank), 1) * max(len(tune_cfg.dpo_beta), 1)
     return n * len(tune_cfg.learning_rate.values) if tune_cfg.learning_rate.type == "grid" else n
 
 
@@ -55,6 +57,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str, 
     )
     if "warmup_steps" in params:
         train["warmup_steps"] = int(params["warmup_steps"])
+    if "dpo_beta" in params:
+        train["dpo"] = {**dict(train.get("dpo") or {}), "beta": float(params["dpo_beta"])}
     cfg["train"] = train
     if "lora_rank" in params:
         model = dict(cfg["model"])
@@ -77,6 +81,8 @@ def check_sweep(cfg) -> list[str]:
         problems.append("tune.lora_rank: sweeping LoRA ranks needs model.lora")
     if t.publish_as and (cfg.model is None or cfg.model.lora is None):
         problems.append("tune.publish_as: only LoRA adapters are published to the registry; add model.lora or drop publish_as")
+    if t.dpo_beta and (cfg.train is None or cfg.train.objective != "dpo"):
+        problems.append("tune.dpo_beta: sweeping DPO's beta needs train.objective: dpo")
     if t.promote_alias and not t.publish_as:
         problems.append("tune.promote_alias: needs tune.publish_as (the name the best adapter is published under)")
     if cfg.train is not None and t.grace_period > cfg.train.max_steps:

@@ -57,6 +57,18 @@ def test_check_sweep_finds_unusable_combinations():
     assert any(p.startswith("tune.promote_alias") for p in check_sweep(alias_only))
 
 
+def test_dpo_beta_is_swept_beside_the_learning_rate():
+    dpo = {**BASE, "train": {**BASE["train"], "objective": "dpo", "dpo": {"loss_type": "ipo"}},
+           "tune": {**BASE["tune"], "lora_rank": [], "dpo_beta": [0.05, 0.1, 0.5]}}
+    cfg = parse_config(dpo)
+    assert param_space(cfg.tune)["dpo_beta"] == {"grid_search": [0.05, 0.1, 0.5]} and grid_size(cfg.tune) == 6
+    trial = parse_config(trial_config(dpo, {"learning_rate": 1e-3, "dpo_beta": 0.5}, "t", "/s", "s"))
+    assert trial.train.dpo.beta == 0.5 and trial.train.dpo.loss_type == "ipo"  # the other DPO keys kept
+    assert check_sweep(cfg) == []
+    lm = parse_config({**BASE, "tune": {**BASE["tune"], "dpo_beta": [0.1]}})
+    assert any(p.startswith("tune.dpo_beta") for p in check_sweep(lm))
+
+
 def test_grid_space_requires_values():
     from rayllm.config import ConfigError
 
