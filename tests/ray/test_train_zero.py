@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from rayllm.dtypes import resolve_dtype
-from tests.ray.train_fixtures import read_metrics, step_losses, tiny_config, tiny_dataset, train  # noqa: F401
+from tests.ray.train_fixtures import read_metrics, step_losses, tiny_config, tiny_dataset, train, wandb_history  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = {
     "zero1-auto-dtype": {"zero_stage": 1, "model": {"dtype": "auto"}},
-    "zero2-offload-optimizer": {"zero_stage": 2, "offload_optimizer": "cpu"},
+    # ...and reports to W&B (offline) besides metrics.jsonl, as `report_to: [jsonl, wandb]` does in a real run
+    "zero2-offload-optimizer": {"zero_stage": 2, "offload_optimizer": "cpu", "report_to": ["jsonl", "wandb"]},
     "zero3-offload-all": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
 }
 
@@ -38,6 +39,11 @@ def test_zero_stage_trains_and_hands_on_a_model(ray_local, tiny_dataset, tmp_pat
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert checkpoints == ["checkpoint_0000008", "checkpoint_0000012"], "keep_last=2 of the saves at 4, 8, 12"
     assert (run_dir / "loss_curve.png").stat().st_size > 1000 and json.loads((run_dir / "result.json").read_text())["step"] == 12
+    if "wandb" in VARIANTS[name].get("report_to", []):
+        history = {row["_step"]: row for row in wandb_history(run_dir) if "loss" in row}
+        assert sorted(history) == list(range(1, 13)), "every step's metrics reached the W&B run"
+        assert all(history[s]["loss"] == pytest.approx(losses[s]) for s in history)
+        assert [row["val_loss"] for row in wandb_history(run_dir) if "val_loss" in row][-1] == pytest.approx(result["val_loss"])
     model = AutoModelForCausalLM.from_pretrained(result["model_dir"])
     if name.startswith("zero3"):
         # The sharded ZeRO-3 checkpoint merges offline into the same weights the run exported.

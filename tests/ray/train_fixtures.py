@@ -4,9 +4,11 @@ tiny configs, and readers for what a run leaves behind."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import struct
 from pathlib import Path
 
 import pyarrow as pa
@@ -159,3 +161,32 @@ def train(raw: dict) -> dict:
     from rayllm.train.launch import run
 
     return run(parse_config(raw))
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history rows of the offline W&B run under `run_dir`, read from its transaction log.
+    wandb 0.31 ships no Python reader for that log (its datastore module is gone): this follows its
+    framing (LevelDB's log format, 32 KiB blocks, a 7-byte ':W&B' file header) and parses each
+    record with wandb's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = glob.glob(f"{run_dir}/wandb/offline-run-*/run-*.wandb")
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    block, pos, chunks, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(chunks)
+            chunks = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
