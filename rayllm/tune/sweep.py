@@ -185,7 +185,10 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float,
     if best and cfg.tune.publish_as:
         summary.update(publish_best(cfg, best, evaluation))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"sweep: results in {out} (results.csv, val_loss.png, summary.json)")
+    from rayllm.report import build
+
+    build(out)
+    print(f"sweep: results in {out} (results.csv, val_loss.png, summary.json, report.html)")
     return summary
 
 

@@ -39,6 +39,7 @@ def test_zero_stage_trains_and_hands_on_a_model(ray_local, tiny_dataset, tmp_pat
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert checkpoints == ["checkpoint_0000008", "checkpoint_0000012"], "keep_last=2 of the saves at 4, 8, 12"
     assert (run_dir / "loss_curve.png").stat().st_size > 1000 and json.loads((run_dir / "result.json").read_text())["step"] == 12
+    assert "Training run" in (run_dir / "report.html").read_text()  # rank 0 wrote the page beside result.json
     if "wandb" in VARIANTS[name].get("report_to", []):
         history = {row["_step"]: row for row in wandb_history(run_dir) if "loss" in row}
         assert sorted(history) == list(range(1, 13)), "every step's metrics reached the W&B run"
