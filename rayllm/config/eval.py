@@ -76,6 +76,7 @@ class EngineConfig(Section):
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank the engine accepts.")
     enforce_eager: bool = Field(True, description="Skip graph compilation (about 1 min instead of 3.5 min engine start on CPU).")
     kv_cache_gib: int = Field(1, ge=1, description="KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE).")
+    in_process: bool = Field(True, description="Run vLLM's engine core and worker inside the actor (no extra processes; faster start on CPU); false: vLLM's own processes.")
 
 
 class EvalConfig(Section):

@@ -75,7 +75,7 @@ def test_job_configs_validate(path):
     from rayllm.config import load_config
 
     cfg = load_config(path)
-    assert cfg.train is not None or cfg.data is not None or cfg.serve is not None or cfg.tune is not None
+    assert cfg.train is not None or cfg.data is not None or cfg.serve is not None or cfg.tune is not None or cfg.eval is not None
 
 
 def test_job_recipes_are_short_and_take_a_config():
