@@ -1,8 +1,9 @@
 """The promotion gate on the real stack: a LoRA adapter fine-tuned (PEFT, a few steps) on a prepared
-dataset, its trainer's figure computed with the trainer's own loss and token count, published twice
-to a registry — as trained, and with an adapter_config.json that is not the one trained (lora_alpha
-×4, so the served weights differ) — plus an adapter for another base; one Ray Serve + vLLM app
-serves the registry, and the gate measures each version through it.
+dataset, its trainer's figure computed with the trainer's own loss and token count, published to a
+registry as trained (twice), and with an adapter_config.json that is not the one trained (lora_alpha
+×4, so the served weights differ), plus an adapter for another base; one Ray Serve + vLLM app
+serves the registry, and the gate measures each version through it (perplexity, and once the
+optional generation comparison against the alias's current version).
 
 Token-id prompts make a tokenizer or chat template inside the published folder irrelevant to the
 measured figure (vLLM scores the ids it is given); what the gate catches through the endpoint is
@@ -99,8 +100,8 @@ def setup(tmp_path_factory, _shared_ray):
     _meta(alien, "sha256:0000000000000000000000000000dead", val_loss)
 
     registry = Registry(str(root / "registry"))
-    for folder in (good, bad, alien):
-        registry.publish("g", str(folder))  # g@v1 as trained, g@v2 another alpha, g@v3 another base
+    for folder in (good, bad, alien, good):
+        registry.publish("g", str(folder))  # g@v1 as trained, g@v2 another alpha, g@v3 another base, g@v4 = g@v1
     cfg = ServeConfig(model=str(world.base), served_model_name="base", dtype="float32", max_model_len=128,
                       max_num_seqs=16, max_loras=2, max_cpu_loras=4, max_lora_rank=8, replica_cpus=1,
                       registry_refresh_s=0.5)
@@ -158,3 +159,17 @@ def test_gate_refuses_other_weights_and_another_base_leaving_the_alias(setup, ca
         gate.promote(setup.registry, "g:prod", 3, _gate(setup), by="test")
     after = setup.registry.show("g:prod")
     assert after["targets"] == before["targets"] and after["history"] == before["history"]  # alias untouched
+
+
+@pytest.mark.timeout(180, func_only=True)
+def test_gate_compares_generation_with_the_current_version(setup):
+    from rayllm.config.eval import GenerationTask
+    from rayllm.registry import gate
+
+    task = GenerationTask(name="qa", path=str(Path(__file__).parents[2] / "jobs" / "data" / "eval" / "qa.jsonl"),
+                          max_new_tokens=8, metrics=["rougeL"])
+    gate.promote(setup.registry, "g:gen", 1, _gate(setup), by="test")
+    gate.promote(setup.registry, "g:gen", 4, _gate(setup, generation=task), by="test")  # same weights as v1
+    g = setup.registry.show("g@v4")["manifest"]["gate"]["g:gen"]["generation"]
+    assert g["current_ref"] == "g@v1" and g["candidate"] == pytest.approx(g["current"])  # greedy, same weights
+    assert setup.registry.get_alias("g:gen").targets[0].version == 4
