@@ -20,6 +20,7 @@ and with it the ZeRO checkpoints, exact resume and spike rollback every objectiv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,12 @@ class Dpo:
         self.reference = reference  # full fine-tune: the frozen copy (None under LoRA, or once precomputed)
         self.train_stats = Stats()
         self.last_train: dict[str, float] = {}
+
+    @property
+    def spike_floor(self) -> float:
+        """The loss where the policy equals its reference (ln 2; IPO: (1/2β)²): the spike test's least
+        median, since a DPO loss heads for 0 and its noise there is no divergence."""
+        return (1 / (2 * self.cfg.beta)) ** 2 if self.cfg.loss_type == "ipo" else math.log(2)
 
     def reference_logps(self, engine, batch: dict):
         """Summed response log-probs of the reference: precomputed, the adapter-disabled base, or the copy."""

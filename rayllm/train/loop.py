@@ -96,7 +96,8 @@ def run_steps(run: Run, state: ckpt.TrainState) -> tuple[ckpt.TrainState, dict]:
         loss = train_step(run.engine, run.train, idx, b, run.rank, run.world, t.document_masking, run.device, run.loss_fn)
         state.step, state.cursor = state.step + 1, state.cursor + 1
 
-        reason = spike_reason(loss, state.history, t.spike.threshold, t.spike.window) if t.spike.enabled else None
+        floor = run.objective.spike_floor if run.objective is not None else 0.0
+        reason = spike_reason(loss, state.history, t.spike.threshold, t.spike.window, floor) if t.spike.enabled else None
         if reason:
             state = roll_back(run, state, reason)
             continue

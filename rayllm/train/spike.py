@@ -19,12 +19,14 @@ import statistics
 INJECT_ENV = "RAYLLM_INJECT_SPIKE_AT_STEP"
 
 
-def spike_reason(loss: float, history: list[float], threshold: float, window: int) -> str | None:
-    """Why `loss` is a spike given the recent good losses, or None when it is not."""
+def spike_reason(loss: float, history: list[float], threshold: float, window: int, floor: float = 0.0) -> str | None:
+    """Why `loss` is a spike given the recent good losses, or None when it is not. `floor` is the
+    least the median counts as: a loss that converges to 0 (DPO's) would otherwise turn noise near 0
+    into "spikes" (0.37 after a median of 0.09 is no divergence; DPO's loss starts at ln 2)."""
     if not math.isfinite(loss):
         return f"loss is {loss}"
     if len(history) >= window:
-        median = statistics.median(history[-window:])
+        median = max(statistics.median(history[-window:]), floor)
         if loss > threshold * median:
             return f"loss {loss:.4f} > {threshold} × running median {median:.4f}"
     return None

@@ -152,6 +152,11 @@ def test_loss_formulas_at_the_reference_and_with_smoothing():
     assert torch.allclose(smooth, torch.full((4,), 0.5 * (np.log1p(np.exp(-1)) + np.log1p(np.exp(1))), dtype=torch.float32))
 
 
+def test_spike_floor_is_the_loss_at_the_reference():
+    assert abs(Dpo(DpoConfig(), lora=True).spike_floor - np.log(2.0)) < 1e-12
+    assert Dpo(DpoConfig(loss_type="ipo", beta=0.1), lora=True).spike_floor == pytest.approx(25.0)
+
+
 def test_config_refusals_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="label_smoothing"):
         parse_config({"train": {"dataset": "d", "objective": "dpo", "dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}})

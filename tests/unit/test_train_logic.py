@@ -82,6 +82,9 @@ def test_spike_policy():
     assert spike_reason(float("inf"), history, 3.0, 3)
     assert spike_reason(6.5, history, 3.0, 3) and not spike_reason(5.9, history, 3.0, 3)
     assert spike_reason(100.0, history[:2], 3.0, 3) is None, "no ratio test before the window is full"
+    near_zero = [0.09, 0.1, 0.08]  # a DPO loss near convergence: noise there is no divergence
+    assert spike_reason(0.37, near_zero, 3.0, 3) and not spike_reason(0.37, near_zero, 3.0, 3, floor=0.693)
+    assert spike_reason(2.2, near_zero, 3.0, 3, floor=0.693)
     assert remember(history, 1.8, 3) == [2.1, 1.9, 1.8]
     assert injected_steps("5, 9") == {5, 9} and injected_steps(None) == set()
 
