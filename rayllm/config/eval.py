@@ -62,7 +62,7 @@ class HarnessConfig(Section):
     include_path: str | None = Field(None, description="Folder of lm-eval task YAML files (and their local data) added to lm-eval's task registry.")
     limit: int | None = Field(None, ge=1, description="Examples per task at most (lm-eval `limit`); empty: all.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (lm-eval `num_fewshot`); empty: the task's default.")
-    batch_size: int = Field(8, ge=1, description="lm-eval batch size (hf backend) or requests per batch (endpoints).")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size of the hf backend (endpoints get one prompt per request, eval.concurrency at once).")
     max_length: int = Field(2048, ge=16, description="Context length lm-eval scores with, for every backend (the same for a folder and an endpoint, so their figures compare).")
 
 

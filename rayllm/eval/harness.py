@@ -67,7 +67,8 @@ def run_harness(cfg: RayllmConfig, targets: list[Target]) -> dict[str, dict[str,
         # the working directory, so the tasks are built and run from their folder.
         with contextlib.chdir(h.include_path) if h.include_path else contextlib.nullcontext():
             results = lm_eval.simple_evaluate(model=model, model_args=args, tasks=list(h.tasks), task_manager=manager,
-                                              limit=h.limit, num_fewshot=h.num_fewshot, batch_size=h.batch_size,
+                                              limit=h.limit, num_fewshot=h.num_fewshot,
+                                              batch_size=h.batch_size if t.local else 1,  # endpoints: one prompt per request, num_concurrent in flight
                                               log_samples=False, apply_chat_template=chat, random_seed=0,
                                               numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         out[t.label] = {f"harness/{k}": v for k, v in flatten(results["results"]).items()}

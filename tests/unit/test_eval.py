@@ -220,3 +220,19 @@ def test_lm_eval_results_flatten_to_task_metric_names():
 
     got = flatten({"tiny": {"alias": "tiny", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 4, "em,strict": 1.0}})
     assert got == {"tiny/acc": 0.5, "tiny/acc_stderr": 0.1, "tiny/em[strict]": 1.0}
+
+
+def test_lm_eval_backend_per_target_kind():
+    from rayllm.config.eval import EndpointConfig, HarnessConfig
+    from rayllm.eval.harness import backend
+    from rayllm.eval.targets import Target
+
+    h = HarnessConfig(tasks=["t"], max_length=512)
+    model, args, chat = backend(Target("a", "adapter", "p", model_dir="/base", adapter_dir="/ad"), h, 4, 30)
+    assert (model, chat) == ("hf", False) and args["pretrained"] == "/base" and args["peft"] == "/ad" and args["max_length"] == 512
+    ep = EndpointConfig(url="http://h:8000/v1/", model="bot:prod", tokenizer="/tok")
+    model, args, chat = backend(Target("e", "endpoint", "u", endpoint=ep), h, 4, 30)
+    assert model == "local-completions" and args["base_url"] == "http://h:8000/v1/completions" and args["tokenized_requests"]
+    assert args["num_concurrent"] == 4 and args["max_length"] == 512 and args["tokenizer"] == "/tok" and not chat
+    model, args, chat = backend(Target("e", "endpoint", "u", endpoint=EndpointConfig(url="http://h:8000", model="m")), h, 4, 30)
+    assert model == "local-chat-completions" and args["base_url"] == "http://h:8000/v1/chat/completions" and chat
