@@ -130,8 +130,8 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
             print(f"sweep: resuming {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
-                                      reduction_factor=t.reduction_factor)
+            scheduler = ASHAScheduler(time_attr="step", reduction_factor=t.reduction_factor, stop_last_trials=False,
+                                      **asha_bounds(t.grace_period, cfg.train.max_steps))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(t),
@@ -148,6 +148,16 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
         print(f"sweep: interrupted with {done} of {expected} trials done; run the same command again to resume")
         raise KeyboardInterrupt(f"sweep {out} interrupted")
     return summarize(cfg, grid, trials_dir, out, time.time() - started, address)
+
+
+def asha_bounds(grace_period: int, max_steps: int) -> dict[str, int]:
+    """ASHA's grace_period and max_t such that no rung falls on a trial's last step: a trial stopped
+    there is cut off while it exports its adapter and writes result.json, and its result is lost.
+    Rungs are grace_period × reduction_factor^k <= max_t; a grace period of max_steps or more means no
+    early stopping, so the rungs go past the last step."""
+    if grace_period < max_steps:
+        return {"grace_period": grace_period, "max_t": max_steps - 1}
+    return {"grace_period": max_steps + 1, "max_t": max_steps + 1}
 
 
 def _check_same_sweep(cfg: RayllmConfig, out: Path, resuming: bool) -> None:

@@ -41,8 +41,10 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
     raw["tune"] = {"learning_rate": {"type": "grid", "values": [2e-2, 1e-6, 3e-3]}, "grace_period": 3, "reduction_factor": 2,
                    "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
-                   "publish_as": "tiny", "promote_alias": "prod", "promote_skip_gate": True}
+                   "publish_as": "tiny", "promote_alias": "prod", "promote_skip_gate": True, "evaluate": True}
     raw["registry"] = {"path": str(tmp_path / "registry")}
+    # every finished trial evaluated by `rayllm eval` beside the base, on the rows the trainer's val_ppl covers
+    raw["eval"] = {"targets": [{"path": raw["model"]["path"], "label": "base"}], "dataset": str(dataset), "max_sequences": 8}
     cfg = parse_config(raw)
 
     trials = tmp_path / "sweeps" / "lr" / "trials"
@@ -55,6 +57,9 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     best = min(finished, key=lambda r: float(r["best_val_loss"]))
     assert summary["best"] == best["trial"]
     assert (tmp_path / "sweeps" / "lr" / "val_loss.png").stat().st_size > 1000
+    for r in finished:  # the eval stage's perplexity of the exported adapter is the trainer's last val_ppl
+        assert float(r["eval_ppl"]) == pytest.approx(float(r["perplexity"]), rel=1e-3), r
+    assert all(r["eval_ppl"] == "" for r in rows if r["status"] != "finished")
 
     reg = Registry(str(tmp_path / "registry"))
     assert summary["published"] == "tiny@v1" and summary["promoted"] is True
@@ -64,6 +69,7 @@ def test_sweep_asha_publish_promote_and_resume(ray_local, tmp_path):
     assert resolved.manifest["metrics"]["best_val_loss"] == pytest.approx(float(best["best_val_loss"]))
     assert resolved.manifest["metrics"]["val_sequences"] == 8  # eval_batches 1 × micro 4 × 2 workers
     assert reg.show("tiny:prod")["note"]["gate"] == "skipped"  # the explicit skip is on record
+    assert resolved.manifest["eval"]["sweep-lr"]["metrics"]["ppl"] == pytest.approx(float(best["eval_ppl"]))
     assert resolved.manifest["rank"] == 4
 
     # The same command again restores the finished sweep: nothing is trained or published twice.

@@ -128,3 +128,15 @@ def test_sweep_evaluate_needs_an_eval_section(tmp_path):
     cfg = parse_config({**BASE, "tune": {**BASE["tune"], "evaluate": True}})
     with pytest.raises(ConfigError, match="tune.evaluate: true needs an eval: section"):
         sweep.run(cfg)
+
+
+def test_asha_never_decides_at_a_trials_last_step():
+    import numpy as np
+
+    from rayllm.tune.sweep import asha_bounds
+
+    for grace, steps, rf in [(3, 12, 2), (6, 24, 2), (2, 4, 2), (1, 9, 3), (10, 10, 2), (120, 120, 2), (50, 20, 2)]:
+        b = asha_bounds(grace, steps)
+        rungs = [b["grace_period"] * rf ** k for k in range(int(np.log(b["max_t"] / b["grace_period"]) / np.log(rf) + 1))]
+        assert all(r < steps for r in rungs) or all(r > steps for r in rungs), (grace, steps, rungs)
+        assert (grace >= steps) == all(r > steps for r in rungs)  # early stopping only when the grace period allows it
