@@ -52,6 +52,7 @@ class ServeConfig(Section):
     stage_dir: str | None = Field(None, description="Local folder for fetched/downloaded adapters and load links; empty: a temp folder per replica.")
     api_keys: list[str] = Field(default_factory=list, description="Keys accepted for /v1/* (also RAYLLM_API_KEYS, comma separated); empty: open.")
     admin_key: str | None = Field(None, description="Key for /v1/load_lora_adapter and /v1/unload_lora_adapter (also RAYLLM_ADMIN_KEY); empty: those routes are off.")
+    playground: bool = Field(False, description="Serve a playground page at GET /playground (chat or completion against any target, two side by side with latency and tokens); it calls the same /v1 routes with the key typed into it.")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     route_prefix: str = Field("/", pattern=r"^/", description="URL prefix the application is served under.")

@@ -135,7 +135,7 @@ def _frontend(cfg: ServeConfig, catalog: Any, backend: Any) -> Any:
     from rayllm.serve.openai_routes import Frontend
 
     return Frontend(catalog=catalog, backend=backend, keys=Keys.from_config(cfg.api_keys, cfg.admin_key),
-                    metrics=ServeMetrics(mirror_to_ray=True))
+                    metrics=ServeMetrics(mirror_to_ray=True), playground=cfg.playground)
 
 
 LLMServer = serve.deployment(name="LLMServer")(_LLMServer)

@@ -1,7 +1,8 @@
 """The HTTP layer: OpenAI-compatible routes over a `Backend`, with vLLM's own protocol types.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with SSE), GET /v1/models,
-GET /health, GET /metrics, and — only when an admin key is configured — vLLM's
+GET /health, GET /metrics, GET /playground when `serve.playground` is on (a static page that calls
+the /v1 routes like any client), and — only when an admin key is configured — vLLM's
 POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter.
 
 Bodies are parsed here, not by FastAPI, so every mistake (bad JSON, wrong type, unknown model,
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from rayllm.registry.names import AdapterRef, InvalidNameError
 from rayllm.serve.adapters import AdapterCatalog
@@ -39,6 +40,7 @@ class Frontend:
     backend: Backend
     keys: Keys
     metrics: ServeMetrics
+    playground: bool = False
 
 
 def _request_types() -> dict[Kind, type]:
@@ -103,6 +105,15 @@ def build_app(front: Frontend) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a dead replica is "unavailable", not a bug in this route
             raise ServeError(503, f"engine unavailable: {type(e).__name__}") from None
         return Response(status_code=200)
+
+    if front.playground:
+        from importlib.resources import files
+
+        page = files("rayllm.serve").joinpath("playground.html").read_text()
+
+        @app.get("/playground")
+        async def playground() -> HTMLResponse:  # static: what it sends goes through the /v1 routes and their keys
+            return HTMLResponse(page)
 
     @app.get("/metrics")
     async def metrics() -> Response:

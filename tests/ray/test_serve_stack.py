@@ -71,7 +71,7 @@ def stack(tmp_path_factory, _shared_ray):
         model=str(world.base), served_model_name="base", dtype="float32", max_model_len=256, max_num_seqs=32,
         max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5,
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
-        preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN,
+        preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN, playground=True,
     )
     _shared_ray.ensure()
     with serve_app(cfg, str(root / "registry")) as url:
@@ -324,3 +324,67 @@ def test_prometheus_metrics_per_adapter(stack):
     assert samples['rayllm_completion_tokens_total{adapter="a",version="v1"}'] >= 10
     assert samples['rayllm_time_to_first_token_seconds_count{adapter="a",version="v1"}'] >= 1
     assert samples['rayllm_request_latency_seconds_count{adapter="a",route="completions",version="v1"}'] >= 2
+
+
+def _chromium(*args: str) -> str:
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (scripts/setup.sh installs Debian's chromium)")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,700",
+                           "--virtual-time-budget=60000", *args], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def _columns(dom: str) -> dict[str, dict[str, str]]:
+    """The facts and answer text of the playground's two output columns in a dumped DOM."""
+    from html.parser import HTMLParser
+
+    class Columns(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.out, self.col, self.part = {}, None, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if a.get("id") in ("out_a", "out_b"):
+                self.col = a["id"]
+                self.out[self.col] = {"facts": "", "answer": ""}
+            elif self.col and (a.get("class") or "").split()[:1] in (["facts"], ["answer"]):
+                self.part = a["class"].split()[0]
+
+        def handle_endtag(self, tag):
+            if tag == "div":
+                self.part = None
+
+        def handle_data(self, data):
+            if self.col and self.part:
+                self.out[self.col][self.part] += data
+
+    parser = Columns()
+    parser.feed(dom)
+    return parser.out
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_playground_page_answers_two_targets_side_by_side_in_a_browser(stack, tmp_path):
+    from urllib.parse import urlencode
+
+    query = urlencode({"model_a": "base", "model_b": "b", "mode": "completion", "prompt": PROMPTS[0], "max_tokens": 6, "send": 1})
+    page = f"{stack.url}/playground?{query}"
+    dom = _chromium("--dump-dom", f"{page}#key={KEY}")
+
+    boxes = _columns(dom)
+    for col, model in (("out_a", "base"), ("out_b", "b")):
+        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+        want = stack.post("/v1/completions", body).json()["choices"][0]["text"]
+        assert boxes[col]["answer"] == want, (col, boxes)  # greedy: the page shows what the API answers
+        assert boxes[col]["facts"].startswith(f"{model} · ") and "completion tokens" in boxes[col]["facts"]
+    assert boxes["out_a"]["answer"] != boxes["out_b"]["answer"]
+
+    no_key = _columns(_chromium("--dump-dom", page))  # the page has no rights of its own: without the key, the API's 401
+    assert no_key["out_a"]["answer"].startswith("401: ") and "completion tokens" not in no_key["out_a"]["facts"]
+    shot = tmp_path / "playground.png"
+    _chromium(f"--screenshot={shot}", f"{page}#key={KEY}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
