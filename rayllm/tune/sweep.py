@@ -41,12 +41,24 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], trials_dir: str, gro
     done = Path(trials_dir) / trial_id / "result.json"
     if _finished(done, cfg):
         # Tune snapshots its state every ~10 s: a driver that died just after this run finished
-        # leaves it RUNNING in the snapshot, and the restored trial lands here. Its results are
-        # already in the trial's progress files; fitting again would only rewrite them.
-        print(f"sweep: {trial_id} already finished ({done})")
+        # leaves it RUNNING in the snapshot, and the restored trial lands here. Fitting again would
+        # only rewrite the run; Tune restarts the trial's results, so its reports are sent again.
+        print(f"sweep: {trial_id} already finished ({done}); reporting its evaluations again")
+        for metrics in _reports(done.parent / "metrics.jsonl"):
+            tune.report(metrics)
         return
     pre, run_dir = prepare_run(cfg)
     build_trainer(cfg, pre, run_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def _reports(metrics_path: Path) -> list[dict[str, Any]]:
+    """What a finished run reported to Ray at its evaluations (loop.maybe_eval_and_save): the step,
+    its training loss and the evaluation's figures, from the run's metrics.jsonl."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
+    evals = {r["step"]: r for r in records if r.get("event") == "eval"}  # a resumed run's last record wins
+    return [{"step": step, "loss": losses.get(step), **{k: v for k, v in r.items() if k not in ("event", "step", "time")}}
+            for step, r in sorted(evals.items())]
 
 
 def _finished(done: Path, cfg: RayllmConfig) -> bool:

@@ -279,7 +279,9 @@ def test_alias_split_and_promote_without_restart(stack):
     def traffic():
         while not stop.is_set():
             try:
-                seen.append((time.monotonic(), stack.greedy("a:canary", PROMPTS[3], max_tokens=4)[0]))
+                start = time.monotonic()
+                served = stack.greedy("a:canary", PROMPTS[3], max_tokens=4)[0]
+                seen.append((start, time.monotonic(), served))
             except Exception as e:  # noqa: BLE001
                 errors.append(repr(e))
 
@@ -288,8 +290,8 @@ def test_alias_split_and_promote_without_restart(stack):
         w.start()
     try:
         time.sleep(1.0)
-        # A request may resolve the alias while promote() is still returning: what finished before
-        # the call began must be v1, what finished a settle time after it returned must be v2.
+        # A request may resolve the alias while promote() is still returning: what ended before the
+        # call began must be v1, what began a settle time after it returned must be v2.
         promoting = time.monotonic()
         stack.registry.promote("a:canary", 2)  # what `rayllm registry promote a:canary v2` does
         promoted = time.monotonic()
@@ -304,9 +306,10 @@ def test_alias_split_and_promote_without_restart(stack):
             w.join(60)
     assert errors == []
     settle = 1.5  # registry_refresh_s is 0.5
-    assert {v for t, v in seen if t < promoting} == {"a@v1"}
-    assert {v for t, v in seen if promoted + settle < t < rolling_back} == {"a@v2"}
-    assert {v for t, v in seen if t > rolled_back + settle} == {"a@v1"}
+    # by when each request began and ended: one in flight while promote() runs may get either version
+    assert {v for _, end, v in seen if end < promoting} == {"a@v1"}
+    assert {v for start, end, v in seen if promoted + settle < start and end < rolling_back} == {"a@v2"}
+    assert {v for start, _, v in seen if start > rolled_back + settle} == {"a@v1"}
 
 
 @pytest.mark.timeout(60, func_only=True)

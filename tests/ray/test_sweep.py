@@ -135,9 +135,10 @@ def test_sweep_killed_mid_way_resumes_and_runs_every_grid_point_once(ray_local, 
     from rayllm.tune.sweep import run
 
     dataset = make_dataset(tmp_path / "data", seq_len=32, n_docs=200, val_docs=60)
-    # A step takes tens of ms: enough of them after the first checkpoint that the kill lands mid-run.
+    # Enough steps after the first checkpoint that the kill lands mid-run: 4 micro-batches per step make
+    # a step ~0.1 s, so the 90 left outlast the driver's process group dying (one-micro-batch steps did not).
     raw = tiny_config(dataset, tmp_path / "unused", max_steps=120, eval_every=30, save_every=30, eval_batches=1,
-                      warmup_steps=0, logging_steps=1)
+                      warmup_steps=0, logging_steps=1, gradient_accumulation_steps=4)
     raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
     raw["tune"] = {"learning_rate": {"type": "grid", "values": [3e-3, 1e-2, 2e-2]}, "grace_period": 120,
                    "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
