@@ -62,7 +62,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
         yield
     finally:
         ray.shutdown()
-        _restore(saved_env)
+        restore_env(saved_env)
         if dashboard:
             if saved is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -70,7 +70,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
                 os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
-def _restore(saved: dict[str, str | None]) -> None:
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` holds them (None: unset)."""
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
-from rayllm.ray_session import LOCAL_TRAIN_ENV
+from rayllm.ray_session import LOCAL_TRAIN_ENV, restore_env
 
 # Inherited by Ray's own processes (the Serve controller, replicas, Train workers): they must be in
 # the environment when the raylet starts. As `rayllm serve` runs it; no load balancer to wait for.
@@ -55,7 +55,7 @@ class SharedRay:
             ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                      dashboard_port=port, object_store_memory=256 * 2**20)
         finally:
-            _restore(saved)
+            restore_env(saved)
         self.started = True
 
     def stop(self) -> None:
@@ -71,15 +71,7 @@ class SharedRay:
         except Exception:
             pass
         ray.shutdown()
-        _restore({"RAY_API_SERVER_ADDRESS": self._saved_api})
-
-
-def _restore(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        restore_env({"RAY_API_SERVER_ADDRESS": self._saved_api})
 
 
 SHARED = SharedRay()  # the one per test session (tests/conftest.py)
