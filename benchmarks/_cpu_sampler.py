@@ -83,18 +83,50 @@ def tree(procs: dict[int, Proc], roots: tuple[int, ...]) -> set[int]:
     return found
 
 
-def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int = 0) -> dict:
+def side_cpu(before: Snapshot, after: Snapshot, roots: tuple[int, ...], between: list[Snapshot] = ()) -> tuple[float, dict[int, Proc]]:
+    """CPU seconds the trees under `roots` used from `before` to `after`, and the last view of every
+    process seen in them (`between`: snapshots taken inside the window).
+
+    A side process that exits inside the window is counted however it goes:
+      * reaped by a side process still alive: its whole CPU moved into that parent's `reaped`, which
+        is counted, so only what it had used before the window is taken back out;
+      * orphaned (its parent died first: Ray's workers when the raylet stops at `ray.shutdown()`) and
+        reaped by init: nothing of the side holds its CPU any more, so its last view counts, up to the
+        last snapshot that saw it (`between` samples keep that tail short).
+    """
+    seen: dict[int, Proc] = {}
+    members: list[set[int]] = []
+    for snap in [before, *between, after]:
+        # once a process belongs to the side it stays the side's (with its descendants), also after it
+        # is reparented to init; a reused pid (another name) is not the same process
+        alive = tuple(pid for pid, p in seen.items() if pid in snap.procs and snap.procs[pid].name == p.name)
+        now = tree(snap.procs, roots + alive)
+        for pid in now:
+            seen[pid] = snap.procs[pid]
+        members.append(now)
+    side_before, side_after = members[0], members[-1]
+    total = 0.0
+    for pid, last in seen.items():
+        first = before.procs.get(pid)
+        start = first.cpu + first.reaped if pid in side_before else 0.0
+        if pid in side_after:
+            total += last.cpu + last.reaped - start
+        elif last.ppid in side_after:
+            total -= start  # its CPU since birth is in the parent's reaped time
+        else:
+            total += last.cpu + last.reaped - start
+    return max(0.0, total), seen
+
+
+def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int = 0, between: list[Snapshot] = ()) -> dict:
     """Cores used between two snapshots: `side` by the trees under `roots`, `others` by everything
     else on the machine (`others_top`: the busiest other processes, named); with `ranks` > 0 also the
     `ranks` busiest processes of the side (training ranks) and the rest of the side (`own_other`,
-    `own_other_top`)."""
+    `own_other_top`). `between`: snapshots taken inside the window, so side processes that die in it
+    without a side parent to reap them still count as the side's (see `side_cpu`)."""
     span = max(after.time - before.time, 1e-9)
-    side_before, side_after = tree(before.procs, roots), tree(after.procs, roots)
-
-    def total(snap: Snapshot, pids: set[int]) -> float:
-        return sum(snap.procs[p].cpu + snap.procs[p].reaped for p in pids)
-
-    side = max(0.0, total(after, side_after) - total(before, side_before))
+    side, seen = side_cpu(before, after, roots, between)
+    side_after = {pid for pid in seen if pid in after.procs and after.procs[pid] == seen[pid]}
 
     def delta(pid: int) -> float:
         p, q = after.procs[pid], before.procs.get(pid)
@@ -102,7 +134,7 @@ def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int 
 
     own = sorted(((after.procs[p].name, delta(p)) for p in side_after), key=lambda v: -v[1])
     named = defaultdict(float)
-    for pid in after.procs.keys() - side_after:
+    for pid in after.procs.keys() - seen.keys():
         if pid in before.procs:
             named[after.procs[pid].name] += delta(pid) / span
     out = {"seconds": span, "side": side / span, "others": max(0.0, (after.busy - before.busy - side) / span),
@@ -139,4 +171,5 @@ class TreeSampler(threading.Thread):
     def usage(self, t0: float, t1: float, ranks: int = 0) -> dict:
         before = max((s for s in self.samples if s.time <= t0), key=lambda s: s.time, default=self.samples[0])
         after = min((s for s in self.samples if s.time >= t1), key=lambda s: s.time, default=self.samples[-1])
-        return usage(before, after, self.roots, ranks)
+        between = [s for s in self.samples if before.time < s.time < after.time]
+        return usage(before, after, self.roots, ranks, between)

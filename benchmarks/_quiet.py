@@ -123,9 +123,13 @@ def window(wait: float = WAIT_LIMIT) -> Iterator[Window]:
     /proc around it."""
     w = Window()
     w.waited = wait_quiet(wait) if wait > 0 else 0.0
-    before = snapshot()
-    yield w
-    u = usage(before, snapshot(), side_roots())
+    track = TreeSampler(side_roots(), period=0.5)  # who belongs to the side, for processes that die in the window
+    track.start()
+    try:
+        yield w
+    finally:
+        track.stop()
+    u = usage(track.samples[0], track.samples[-1], side_roots(), between=track.samples[1:-1])
     w.seconds, w.others, w.others_top = u["seconds"], u["others"], u["others_top"]
 
 

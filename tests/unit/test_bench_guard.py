@@ -85,6 +85,33 @@ def test_the_side_includes_children_that_exit_inside_the_window(quiet):
     assert u["side"] * u["seconds"] >= 0.4
 
 
+def test_the_side_includes_orphans_that_die_inside_the_window(quiet, tmp_path):
+    """A grandchild whose parent exits first is reparented to init and reaped there: no side process
+    ever holds its CPU (Ray's workers when the raylet stops). Seen by the window's samples, it is
+    still the side's, not other jobs'."""
+    import subprocess
+
+    sampler = sys.modules[quiet.snapshot.__module__]
+    done = tmp_path / "done"
+    burn = f"import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\nopen({str(done)!r}, 'w')"
+    # the child starts the burner, lives a moment (as a raylet does), then exits: the burner lives on
+    spawn = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(0.3)"
+    track = sampler.TreeSampler((os.getpid(),), period=0.1)
+    track.start()
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", spawn], check=True)
+    deadline = time.time() + 30
+    while not done.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the orphan exits and init reaps it
+    t1 = time.time()
+    track.stop()
+    u = track.usage(t0, t1)
+    assert u["side"] * u["seconds"] >= 0.5
+    without = sampler.usage(track.samples[0], track.samples[-1], (os.getpid(),))  # the two ends only
+    assert without["side"] * without["seconds"] < 0.35
+
+
 def test_the_guard_imports_nothing_heavy():
     import subprocess
 
