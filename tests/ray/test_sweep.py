@@ -117,7 +117,19 @@ def _wait_mid_sweep(trials: Path, driver: subprocess.Popen, timeout: float) -> t
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every Ray process it started (its own process group), and wait until none is left."""
+    """SIGKILL the driver and every process it started, at once: its descendants (Ray's workers, which
+    the raylet may start in sessions of their own) and its process group; then wait until none is left."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     for _ in range(60):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -126,6 +138,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.poll()  # reap the driver: a zombie still counts as a member of the group
         time.sleep(0.5)
     proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
 
 
 @pytest.mark.timeout(900)
@@ -135,12 +148,12 @@ def test_sweep_killed_mid_way_resumes_and_runs_every_grid_point_once(ray_local, 
     from rayllm.tune.sweep import run
 
     dataset = make_dataset(tmp_path / "data", seq_len=32, n_docs=200, val_docs=60)
-    # Enough steps after the first checkpoint that the kill lands mid-run: 4 micro-batches per step make
-    # a step ~0.1 s, so the 90 left outlast the driver's process group dying (one-micro-batch steps did not).
-    raw = tiny_config(dataset, tmp_path / "unused", max_steps=120, eval_every=30, save_every=30, eval_batches=1,
-                      warmup_steps=0, logging_steps=1, gradient_accumulation_steps=4)
+    # Enough steps after the first checkpoint that the kill lands mid-run: 2 micro-batches per step make
+    # a step ~60 ms, so the 60 left (~4 s) outlast the checkpoint's registration and the kill.
+    raw = tiny_config(dataset, tmp_path / "unused", max_steps=80, eval_every=20, save_every=20, eval_batches=1,
+                      warmup_steps=0, logging_steps=1, gradient_accumulation_steps=2)
     raw["model"] = {"path": str(_base_model(tmp_path, dataset)), "dtype": "float32", "lora": {"rank": 4, "alpha": 16}}
-    raw["tune"] = {"learning_rate": {"type": "grid", "values": [3e-3, 1e-2, 2e-2]}, "grace_period": 120,
+    raw["tune"] = {"learning_rate": {"type": "grid", "values": [3e-3, 1e-2, 2e-2]}, "grace_period": 80,
                    "max_concurrent_trials": 1, "output_dir": str(tmp_path / "sweeps"), "name": "lr",
                    "publish_as": "tiny", "promote_alias": "prod", "promote_skip_gate": True}
     raw["registry"] = {"path": str(tmp_path / "registry")}
@@ -166,10 +179,10 @@ def test_sweep_killed_mid_way_resumes_and_runs_every_grid_point_once(ray_local, 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(float(r["learning_rate"]) for r in rows) == [3e-3, 1e-2, 2e-2]  # each grid point exactly once
     assert len({r["trial"] for r in rows}) == 3 and {first.name, second.name} <= {r["trial"] for r in rows}
-    assert all(r["status"] == "finished" and int(r["steps"]) == 120 for r in rows), rows
+    assert all(r["status"] == "finished" and int(r["steps"]) == 80 for r in rows), rows
     assert (first / "result.json").stat().st_mtime == first_done  # the finished trial was not trained again
     starts = [r for r in _records(second) if r.get("event") == "start"]
-    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] in (30, 60, 90)  # from its own checkpoint
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] in (20, 40, 60)  # from its own checkpoint
 
     reg = Registry(str(tmp_path / "registry"))
     assert summary["trials"] == 3 and summary["published"] == "tiny@v1" and summary["promoted"] is True
