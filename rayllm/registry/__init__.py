@@ -6,7 +6,7 @@ Modules depend one way: promotion → store → resolve (aliases) → names; fil
 
 from __future__ import annotations
 
-from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, validate_alias, validate_name
+from rayllm.registry.names import AdapterRef, IntegrityError, InvalidNameError, RegistryError, validate_alias, validate_name
 from rayllm.registry.promotion import promote_if_better
 from rayllm.registry.resolve import Alias, ResolvedAdapter, Target, pick
 from rayllm.registry.store import Registry
@@ -14,6 +14,7 @@ from rayllm.registry.store import Registry
 __all__ = [
     "AdapterRef",
     "Alias",
+    "IntegrityError",
     "InvalidNameError",
     "Registry",
     "RegistryError",

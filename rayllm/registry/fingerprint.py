@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any
@@ -17,12 +18,66 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from rayllm.registry.names import RegistryError
+from rayllm.registry.names import IntegrityError, RegistryError
 
 CHUNK = 1 << 20
 MANIFEST = "manifest.json"  # the registry's own record of a version, next to the adapter files
 METADATA_FILE = "rayllm_adapter.json"  # written by training next to the PEFT files
 PEFT_CONFIG_FILE = "adapter_config.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_manifest(manifest: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The manifest's `files`, once every name is a safe relative path and every entry a checksum and size.
+
+    Runs before any file name is joined to a folder: a manifest is data read from storage, and a
+    name such as `../../x` or `/etc/passwd` would otherwise make verify, fetch or serving read (or a
+    fetch write) outside the version folder. Names are what publish writes: POSIX relative paths
+    of plain components.
+    """
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError(f"{where}: manifest.json has no 'files' object; the manifest is malformed")
+    for rel, entry in files.items():
+        problem = _unsafe_name(rel)
+        if problem:
+            raise IntegrityError(f"{where}: manifest.json lists file {rel!r}, {problem}; refused before reading anything")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])
+                and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool) and entry["size"] >= 0):
+            raise IntegrityError(f"{where}: manifest.json entry of file {rel!r} is not {{sha256: 64 hex digits, size: bytes}}")
+    return files
+
+
+def _unsafe_name(rel: Any) -> str:
+    """Why `rel` is not a safe file name inside a version folder ("" when it is)."""
+    if not isinstance(rel, str) or not rel:
+        return "which is not a file name"
+    if rel.startswith("/"):
+        return "an absolute path"
+    if "\\" in rel:
+        return "which contains a backslash"
+    if _CONTROL.search(rel):
+        return "which contains a control character (NUL, newline, ...)"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "which climbs out of the version folder ('..')"
+    if any(p in ("", ".") for p in parts):
+        return "which has an empty or '.' path component"
+    if rel == MANIFEST:
+        return "a name the registry reserves for its own manifest"
+    return ""
+
+
+def inside(folder: str, rel: str, where: str, local: bool) -> str:
+    """`folder/rel` for a name `check_manifest` passed; on local disk also after resolving symlinks,
+    so a link planted in a version folder cannot point the reader elsewhere."""
+    path = f"{folder}/{rel}"
+    if local:
+        real_folder = os.path.realpath(folder)
+        if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
+            raise IntegrityError(f"{where}: file {rel!r} resolves outside the version folder (a symbolic link?); refused")
+    return path
 
 
 def hash_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
@@ -49,10 +104,10 @@ def copy_hashed(src_fs: AbstractFileSystem, src: str, dst_fs: AbstractFileSystem
 def check_file(fs: AbstractFileSystem, path: str, rel: str, expected: dict[str, Any], where: str) -> None:
     """Raise a RegistryError naming `rel` if the file is missing or its bytes differ from the manifest."""
     if not fs.exists(path):
-        raise RegistryError(f"{where}: file {rel!r} listed in manifest.json is missing")
+        raise IntegrityError(f"{where}: file {rel!r} listed in manifest.json is missing")
     sha, size = hash_file(fs, path)
     if sha != expected["sha256"] or size != expected["size"]:
-        raise RegistryError(
+        raise IntegrityError(
             f"{where}: checksum mismatch in file {rel!r} (expected sha256 {expected['sha256'][:12]}… "
             f"{expected['size']} bytes, found {sha[:12]}… {size} bytes); the stored adapter was modified or corrupted"
         )
@@ -157,13 +212,14 @@ def copy_to_local(fs: AbstractFileSystem, src_dir: str, manifest: dict[str, Any]
     never leaves a half-copied folder that looks complete.
     """
     local = fsspec.filesystem("file")
+    files = check_manifest(manifest, where)
     tmp = f"{dest}.partial-{uuid.uuid4().hex}"
     try:
-        for rel, expected in manifest["files"].items():
+        for rel, expected in files.items():
             os.makedirs(os.path.dirname(f"{tmp}/{rel}"), exist_ok=True)
             sha, size = copy_hashed(fs, f"{src_dir}/{rel}", local, f"{tmp}/{rel}")
             if sha != expected["sha256"] or size != expected["size"]:
-                raise RegistryError(f"{where}: checksum mismatch in file {rel!r} while fetching; "
+                raise IntegrityError(f"{where}: checksum mismatch in file {rel!r} while fetching; "
                                     "the stored adapter was modified or corrupted")
         with open(f"{tmp}/{MANIFEST}", "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
@@ -187,8 +243,8 @@ def local_copy_matches(dest: str, manifest: dict[str, Any]) -> bool:
             if json.load(f) != manifest:
                 return False
         local = fsspec.filesystem("file")
-        for rel, expected in manifest["files"].items():
-            check_file(local, os.path.join(dest, rel), rel, expected, dest)
+        for rel, expected in check_manifest(manifest, dest).items():
+            check_file(local, inside(dest, rel, dest, local=True), rel, expected, dest)
         return True
     except (OSError, ValueError, RegistryError):
         return False

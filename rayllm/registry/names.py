@@ -20,6 +20,12 @@ class RegistryError(Exception):
     """Anything the registry refuses or cannot do: the message names the ref, file or alias."""
 
 
+class IntegrityError(RegistryError):
+    """A stored version that cannot be trusted: a checksum mismatch, a missing or extra file, or a
+    manifest that is malformed or names a file outside its version folder. The fault is in storage,
+    not in what the caller asked for; the message names the version and the file."""
+
+
 class InvalidNameError(RegistryError, ValueError):
     """A name, alias, version or ref that does not follow the rules (also a ValueError)."""
 

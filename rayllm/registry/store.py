@@ -24,9 +24,9 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, copy_to_local, copy_tree_hashed,
-                                         local_copy_matches, read_json, write_json_atomic)
-from rayllm.registry.names import AdapterRef, RegistryError, is_valid_name, validate_name
+from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, check_manifest, copy_to_local,
+                                         copy_tree_hashed, inside, local_copy_matches, read_json, write_json_atomic)
+from rayllm.registry.names import AdapterRef, IntegrityError, RegistryError, is_valid_name, validate_name
 from rayllm.registry.resolve import Alias, ResolvedAdapter, Target, TargetSpec, parse_targets, pick, targets_from_history
 from rayllm.storage import url_to_fs
 
@@ -134,22 +134,27 @@ class Registry:
             except FileExistsError:
                 version += 1
 
-    def _committed_manifest(self, name: str, version: int) -> dict[str, Any]:
-        path = f"{self._vdir(name, version)}/{MANIFEST}"
+    def _committed_manifest(self, name: str, version: int, check: bool = True) -> dict[str, Any]:
+        """The version's manifest; with `check`, only once its file names and entries are safe to use
+        (IntegrityError otherwise). Deleting a version skips the check: a corrupt one must be removable."""
+        path, where = f"{self._vdir(name, version)}/{MANIFEST}", str(AdapterRef.of_version(name, version))
         data = read_json(self.fs, path, self.url(path))
         if data is None:
             known = ", ".join(f"v{v}" for v in self._numbers(name, committed=True)) or "none"
-            raise RegistryError(f"{AdapterRef.of_version(name, version)} does not exist (committed versions: {known})")
+            raise RegistryError(f"{where} does not exist (committed versions: {known})")
+        if check:
+            check_manifest(data, where)
         return data
 
     def _verify(self, name: str, version: int, manifest: dict[str, Any]) -> None:
         vdir, where = self._vdir(name, version), str(AdapterRef.of_version(name, version))
+        files = check_manifest(manifest, where)
         present = {p[len(vdir) + 1:] for p in self.fs.find(vdir)} - {MANIFEST}
-        extra = sorted(present - set(manifest["files"]))
+        extra = sorted(present - set(files))
         if extra:
-            raise RegistryError(f"{where}: file {extra[0]!r} is not in manifest.json; the stored adapter was modified")
-        for rel, expected in manifest["files"].items():
-            check_file(self.fs, f"{vdir}/{rel}", rel, expected, where)
+            raise IntegrityError(f"{where}: file {extra[0]!r} is not in manifest.json; the stored adapter was modified")
+        for rel, expected in files.items():
+            check_file(self.fs, inside(vdir, rel, where, self._local), rel, expected, where)
 
     def targets(self, ref: RefLike) -> tuple[Target, ...]:
         """The version(s) `ref` means now: an alias's weighted targets, the one version, or the newest.
@@ -179,8 +184,8 @@ class Registry:
             try:
                 manifest = self._committed_manifest(r.name, version)
                 break
-            except RegistryError:
-                if r.version is not None or attempt == 2:
+            except RegistryError as e:
+                if isinstance(e, IntegrityError) or r.version is not None or attempt == 2:
                     raise
                 # the alias or newest version moved under us: read again (targets() refreshes)
         if verify:
@@ -329,7 +334,7 @@ class Registry:
             return
         if r.version is None:
             raise RegistryError(f"delete needs one version or alias: {r.name}@vN or {r.name}:alias, not {str(r)!r}")
-        self._committed_manifest(r.name, r.version)
+        self._committed_manifest(r.name, r.version, check=False)
         for a in self.aliases(r.name):
             if any(t.version == r.version for t in a.targets):
                 raise RegistryError(f"{r} is the target of alias {a.ref} ({a.describe()}); move the alias first")

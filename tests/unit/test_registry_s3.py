@@ -15,7 +15,7 @@ import pytest
 moto_server = pytest.importorskip("moto.server")
 pytestmark = pytest.mark.timeout(120)
 
-from rayllm.registry import Registry, RegistryError  # noqa: E402
+from rayllm.registry import IntegrityError, Registry, RegistryError  # noqa: E402
 
 
 def make_adapter(folder: Path, seed: int) -> Path:
@@ -101,3 +101,26 @@ def test_version_claim_is_an_exclusive_create_on_s3(s3_options: dict[str, Any]) 
         with reg.fs.open(f"{reg.root}/c/v1.claim", "xb") as f:
             f.write(b"second")
     assert reg.fs.cat_file(f"{reg.root}/c/v1.claim") == b"first"
+
+
+def test_unsafe_manifest_file_names_are_refused_on_s3(tmp_path: Path, s3_options: dict[str, Any]) -> None:
+    """A forged manifest naming a key outside the version (whose bytes match) is refused before any read."""
+    import hashlib
+
+    reg = Registry("s3://registry-bucket/forged", **s3_options)
+    reg.publish("s", str(make_adapter(tmp_path / "ad", seed=3)))
+    secret = b"outside the version folder"
+    reg.fs.pipe_file("registry-bucket/forged/secret.bin", secret)
+    manifest_path = f"{reg.root}/s/v1/manifest.json"
+    manifest = json.loads(reg.fs.cat_file(manifest_path))
+    for rel, why in (("../../secret.bin", "climbs out"), ("/registry-bucket/forged/secret.bin", "absolute path"),
+                     ("a\\b", "backslash")):
+        forged = {**manifest, "files": {**manifest["files"], rel: {"sha256": hashlib.sha256(secret).hexdigest(),
+                                                                   "size": len(secret)}}}
+        reg.fs.pipe_file(manifest_path, json.dumps(forged).encode())
+        for call in (lambda: reg.resolve("s@v1"), lambda: reg.fetch("s@v1", str(tmp_path / "out")),
+                     lambda: reg.localize("s@v1", str(tmp_path / "cache"))):
+            with pytest.raises(IntegrityError, match=why) as err:
+                call()
+            assert "s@v1" in str(err.value) and repr(rel) in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
