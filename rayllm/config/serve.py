@@ -10,7 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from rayllm.config.base import Section
 
 # The registry's name rules (rayllm/registry/names.py): one safe path component, lowercase.
-_ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Always used with fullmatch: `$` would also accept a trailing newline.
+_ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 class AutoscalingConfig(Section):
@@ -23,6 +24,22 @@ class AutoscalingConfig(Section):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
         return self
+
+
+class ServeLimits(Section):
+    """What one request, one client or a flood of them can cost the endpoint; beyond each, a 4xx/503 that names the limit."""
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body in bytes; a larger one is refused with 413 before it is read whole.")
+    max_json_depth: int = Field(32, ge=4, description="Deepest nesting of arrays/objects in a request body; deeper is a 400.")
+    max_tokens: int | None = Field(None, ge=1, description="Largest `max_tokens` / `max_completion_tokens` a request may ask for (400 beyond); empty: serve.max_model_len.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (completions per request); 400 beyond.")
+    max_best_of: int = Field(16, ge=1, description="Largest `best_of`; 400 beyond.")
+    max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` (completions), `top_logprobs` (chat) and `prompt_logprobs`; 400 beyond.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request may take from arrival to its last byte; a whole response after it is a 504, a stream ends with a 504 error event.")
+    max_queued_requests: int = Field(1024, ge=1, description="Requests Serve queues per caller for each deployment (Serve's max_queued_requests) beyond those running; more get 503 with Retry-After.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds, rounded up) sent with a 503 for a full queue.")
+    model_cache_size: int = Field(1024, ge=16, description="Entries kept in each cache that resolves a request's `model` (aliases, newest versions, manifests), least recently used dropped first.")
+    unknown_model_cache_s: float = Field(1.0, ge=0, description="How long the registry's list of adapter names is cached: a `model` not in it is a 404 with no storage call; a newly published name is served within this many seconds.")
 
 
 class ServeConfig(Section):
@@ -53,6 +70,7 @@ class ServeConfig(Section):
     api_keys: list[str] = Field(default_factory=list, description="Keys accepted for /v1/* (also RAYLLM_API_KEYS, comma separated); empty: open.")
     admin_key: str | None = Field(None, description="Key for /v1/load_lora_adapter and /v1/unload_lora_adapter (also RAYLLM_ADMIN_KEY); empty: those routes are off.")
     playground: bool = Field(False, description="Serve a playground page at GET /playground (chat or completion against any target, two side by side with latency and tokens); it calls the same /v1 routes with the key typed into it.")
+    limits: ServeLimits = Field(default_factory=ServeLimits, description="Request and queue bounds (body size, JSON depth, sampling caps, timeout, queue, caches).")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     route_prefix: str = Field("/", pattern=r"^/", description="URL prefix the application is served under.")
@@ -61,7 +79,7 @@ class ServeConfig(Section):
     @field_validator("adapters")
     @classmethod
     def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = [n for n in v if not _ADAPTER_NAME.match(n) or ".." in n]
+        bad = [n for n in v if not _ADAPTER_NAME.fullmatch(n) or ".." in n]
         if bad:
             raise ValueError(f"adapter names {bad} are invalid: use lowercase letters, digits, '.', '_', '-' (no '..', no '/')")
         return v

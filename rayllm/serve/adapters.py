@@ -9,13 +9,20 @@ Registry versions are served (and named in responses) as `name@vN`, so a client 
 exact version that answered. Aliases and "newest" are re-read at most every
 `serve.registry_refresh_s`, so `rayllm registry promote/rollback` reaches a running endpoint with
 no restart. Names follow the registry's rules (no '/', no '..'), so none can reach a path.
+
+What a stream of made-up names costs is bounded: a `model` must match the name grammar in full
+(a trailing newline does not), versions have at most 9 digits, a name the registry does not hold
+is refused from a cached listing of its names (one storage call per `unknown_model_cache_s`,
+whatever the number of names tried), and every cache is an LRU of `model_cache_size` entries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
+from collections import OrderedDict
 from typing import Any
 
 from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, validate_name
@@ -24,35 +31,61 @@ from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
 
 
+MAX_VERSION_DIGITS = 9
+_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+_MODEL = re.compile(rf"{_NAME}(?:@v[1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}}|:{_NAME})?")  # always fullmatch
+_LONG_VERSION = re.compile(rf"{_NAME}@v[0-9]{{{MAX_VERSION_DIGITS + 1},}}")
+
+
 class _TTLCache:
-    def __init__(self, ttl_s: float):
+    """Entries expire after `ttl_s`; at most `size` are kept, the least recently used dropped first.
+
+    (cachetools.TTLCache does the same, but it is not a dependency of rayllm and this is all we need.)
+    """
+
+    def __init__(self, ttl_s: float, size: int = 1024):
         self.ttl_s = ttl_s
-        self._items: dict[Any, tuple[float, Any]] = {}
+        self.size = size
+        self._items: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: Any) -> Any:
         hit = self._items.get(key)
-        if hit is None or hit[0] < time.monotonic():
+        if hit is None:
             return None
+        if hit[0] < time.monotonic():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
         return hit[1]
 
     def put(self, key: Any, value: Any, ttl_s: float | None = None) -> Any:
         self._items[key] = (time.monotonic() + (self.ttl_s if ttl_s is None else ttl_s), value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
         return value
 
 
 def check_adapter_name(name: Any) -> str:
     """A name for the load route / config: the registry's rules, reported as a 400."""
     try:
-        return validate_name(name, "lora_name")
+        name = validate_name(name, "lora_name")
     except InvalidNameError as e:
         raise ServeError(400, str(e), "lora_name") from None
+    if not re.fullmatch(_NAME, name):
+        raise ServeError(400, f"lora_name {name[:80]!r} is invalid: use 1-64 lowercase letters, digits, '.', '_', '-'", "lora_name")
+    return name
 
 
 class AdapterCatalog:
     """Turns `model` strings into AdapterSpecs; holds the folder adapters and a view of the registry."""
 
     def __init__(self, base_name: str, folders: dict[str, str] | None = None, registry_root: str | None = None,
-                 refresh_s: float = 1.0, rng: random.Random | None = None):
+                 refresh_s: float = 1.0, rng: random.Random | None = None, cache_size: int = 1024,
+                 names_ttl_s: float = 1.0):
         self.base_name = base_name
         self.folders: dict[str, AdapterSpec] = {
             check_adapter_name(n): AdapterSpec(n, src, generation=0) for n, src in (folders or {}).items()
@@ -60,8 +93,9 @@ class AdapterCatalog:
         self.registry_root = registry_root
         self._registry: Any = None
         self._rng = rng or random.Random()
-        self._cache = _TTLCache(refresh_s)
-        self._versions: dict[str, AdapterSpec] = {}  # "name@vN" -> spec; versions are immutable
+        self._cache = _TTLCache(refresh_s, cache_size)
+        self._names = _TTLCache(names_ttl_s, 1)  # the registry's adapter names: unknown ones cost no storage call
+        self._versions = _TTLCache(float("inf"), cache_size)  # "name@vN" -> spec; versions are immutable
 
     @property
     def registry(self) -> Any:
@@ -78,14 +112,18 @@ class AdapterCatalog:
         if not isinstance(model, str):
             raise ServeError(400, "model must be a string", "model")
         try:
+            if _LONG_VERSION.fullmatch(model):
+                raise InvalidNameError(f"versions have at most {MAX_VERSION_DIGITS} digits")
             ref = AdapterRef.parse(model)
+            if not _MODEL.fullmatch(model):
+                raise InvalidNameError("use name, name@vN or name:alias (lowercase letters, digits, '.', '_', '-')")
         except InvalidNameError as e:
-            if any(bad in model for bad in ("/", "\\", "..")):  # looks like a path: say why it can never work
+            if any(bad in model for bad in ("/", "\\", "..", "\n", "\x00")) or _LONG_VERSION.fullmatch(model):
                 raise ServeError(400, f"invalid model name {model[:80]!r}: {e}", "model") from None
             raise self._not_found(model) from None
         if ref.version is None and ref.alias is None and ref.name in self.folders:
             return self.folders[ref.name]
-        if self.registry is None:
+        if self.registry is None or ref.name not in await self._registry_names():
             raise self._not_found(model)
         targets = self._cache.get(ref)
         if targets is None:  # an alias's split or the newest version, re-read every refresh_s
@@ -93,6 +131,12 @@ class AdapterCatalog:
         if not targets:
             raise self._not_found(model)
         return await self._version(AdapterRef.of_version(ref.name, pick(targets, self._rng)), model)
+
+    async def _registry_names(self) -> frozenset[str]:
+        names = self._names.get("names")
+        if names is None:
+            names = self._names.put("names", frozenset(await asyncio.to_thread(self.registry.names)))
+        return names
 
     def _targets(self, ref: AdapterRef) -> tuple:
         try:
@@ -108,7 +152,7 @@ class AdapterCatalog:
                 resolved = await asyncio.to_thread(self.registry.resolve, ref, None, False)
             except RegistryError:
                 raise self._not_found(asked) from None
-            spec = self._versions[str(ref)] = AdapterSpec(str(ref), resolved.path, registry_root=self.registry_root)
+            spec = self._versions.put(str(ref), AdapterSpec(str(ref), resolved.path, registry_root=self.registry_root))
         return spec
 
     def _not_found(self, model: str) -> ServeError:

@@ -69,7 +69,6 @@ class _LLMServer:
 
     async def __init__(self, serve_cfg: dict, registry_root: str | None, registry_cache_dir: str | None = None):
         from rayllm.model import base_fingerprint
-        from rayllm.serve.adapters import AdapterCatalog
         from rayllm.serve.residency import AdapterManager
         from rayllm.serve.server import LLMServerCore
         from rayllm.serve.vllm_engine import VLLMEngine
@@ -87,7 +86,7 @@ class _LLMServer:
             return model_id  # residency is AdapterManager's; this only tells Serve's router what is loaded
 
         self._affinity = serve.multiplexed(max_num_models_per_replica=cfg.max_cpu_loras)(routing_token)
-        self.catalog = AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s)
+        self.catalog = catalog_for(cfg, registry_root)
         for ref in cfg.preload_adapters:
             spec = await self.catalog.resolve(ref)
             if spec is not None:
@@ -129,13 +128,21 @@ class _LLMServerWithRoutes(_LLMServer):
         return build_routes(self.front)
 
 
+def catalog_for(cfg: ServeConfig, registry_root: str | None) -> Any:
+    from rayllm.serve.adapters import AdapterCatalog
+
+    return AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s,
+                          cache_size=cfg.limits.model_cache_size, names_ttl_s=cfg.limits.unknown_model_cache_s)
+
+
 def _frontend(cfg: ServeConfig, catalog: Any, backend: Any) -> Any:
     from rayllm.serve.auth import Keys
     from rayllm.serve.metrics import ServeMetrics
     from rayllm.serve.openai_routes import Frontend
 
     return Frontend(catalog=catalog, backend=backend, keys=Keys.from_config(cfg.api_keys, cfg.admin_key),
-                    metrics=ServeMetrics(mirror_to_ray=True), playground=cfg.playground)
+                    metrics=ServeMetrics(mirror_to_ray=True), playground=cfg.playground, limits=cfg.limits,
+                    max_model_len=cfg.max_model_len)
 
 
 LLMServer = serve.deployment(name="LLMServer")(_LLMServer)
@@ -181,10 +188,8 @@ class HandleBackend:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, llm: Any, serve_cfg: dict, registry_root: str | None):
-        from rayllm.serve.adapters import AdapterCatalog
-
         cfg = ServeConfig.model_validate(serve_cfg)
-        catalog = AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s)
+        catalog = catalog_for(cfg, registry_root)
         self.front = _frontend(cfg, catalog, HandleBackend(llm))
 
     def __serve_build_asgi_app__(self):
@@ -193,9 +198,18 @@ class OpenAIIngress:
         return build_routes(self.front)
 
 
+def queue_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's queue bound for a deployment: beyond it a caller gets 503 with Retry-After (the proxy
+    answers so itself; the ingress turns the LLM handle's BackPressureError into the same, as JSON)."""
+    from ray.serve.config import BackpressureConfig
+
+    return {"max_queued_requests": cfg.limits.max_queued_requests,
+            "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.limits.retry_after_s)}
+
+
 def replica_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Replica count (fixed, or Serve's autoscaling) and admission limit of the LLM deployment."""
-    out: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests}
+    """Replica count (fixed, or Serve's autoscaling), admission limit and queue bound of the LLM deployment."""
+    out: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests, **queue_options(cfg)}
     if cfg.autoscaling is None:
         out["num_replicas"] = cfg.num_replicas
     else:
@@ -219,14 +233,14 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
     resources = {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
     if cfg.topology == "single":
         return LLMServerWithRoutes.options(
-            num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources,
+            num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources, **queue_options(cfg),
         ).bind(raw, root, cache)
     llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(raw, root, cache)
     most = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
     return OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests * most,
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options={"num_cpus": 0.1}, **queue_options(cfg),
     ).bind(llm, raw, root)
 
 

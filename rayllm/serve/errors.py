@@ -7,6 +7,7 @@ dead engine, never bad input. Error types follow vLLM's names so clients of eith
 from __future__ import annotations
 
 import json
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -19,25 +20,34 @@ _TYPES = {
     413: "RequestTooLargeError",
     422: "UnprocessableEntityError",
     500: "InternalServerError",
+    502: "BadGatewayError",
     503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
 }
 
 
 class ServeError(Exception):
     """An error with its HTTP status; raised anywhere in serving, rendered once by the routes."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.status = int(status)
         self.message = message
         self.param = param
         self.type = type or _TYPES.get(self.status, HTTPStatus(self.status).phrase.replace(" ", "") + "Error")
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self):  # crosses Ray process boundaries with its status intact
-        return (ServeError, (self.status, self.message, self.param, self.type))
+        return (ServeError, (self.status, self.message, self.param, self.type, self.retry_after_s))
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.type)
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(0, math.ceil(self.retry_after_s)))}  # RFC 9110: whole seconds
 
 
 def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict[str, Any]:
@@ -69,6 +79,24 @@ def from_vllm_exception(exc: Exception) -> ServeError:
     from vllm.entrypoints.serve import create_error_response
 
     return from_vllm_error(create_error_response(exc))
+
+
+def from_exception(exc: BaseException) -> ServeError:
+    """An exception that reached the HTTP layer → what the client sees. Serve's back-pressure (the
+    queue of `serve.limits.max_queued_requests` is full) and an unavailable deployment are 503s
+    with Retry-After; anything else is a 500 naming only the exception's type (the cause is logged)."""
+    if isinstance(exc, ServeError):
+        return exc
+    try:  # Serve is imported wherever these can be raised; unit tests without it see only the 500
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    except ImportError:  # pragma: no cover
+        BackPressureError = DeploymentUnavailableError = ()  # type: ignore[assignment]
+    if isinstance(exc, BackPressureError):
+        return ServeError(503, "the server is overloaded (its request queue is full); retry later",
+                          retry_after_s=exc.retry_after_s if exc.retry_after_s is not None else 1.0)
+    if isinstance(exc, DeploymentUnavailableError):
+        return ServeError(503, "the model server is unavailable; retry later", retry_after_s=1.0)
+    return ServeError(500, f"internal error: {type(exc).__name__}")
 
 
 def sse_error(err: ServeError) -> str:

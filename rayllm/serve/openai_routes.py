@@ -6,15 +6,19 @@ the /v1 routes like any client), and â€” only when an admin key is configured â€
 POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter.
 
 Bodies are parsed here, not by FastAPI, so every mistake (bad JSON, wrong type, unknown model,
-prompt too long, incompatible adapter) comes back as OpenAI-style error JSON with a 4xx.
+prompt too long, incompatible adapter) comes back as OpenAI-style error JSON with a 4xx. What one
+request may cost is bounded by `serve.limits`: body size (413, refused before it is read whole),
+JSON depth, `n`, `best_of`, logprobs and `max_tokens` (400 naming the field and the cap), and the
+time to its last byte (504).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from rayllm.registry.names import AdapterRef, InvalidNameError
 from rayllm.serve.adapters import AdapterCatalog
 from rayllm.serve.auth import Keys, require_admin_key, require_api_key
-from rayllm.serve.errors import ServeError, from_validation_error, sse_error
+from rayllm.config.serve import ServeLimits
+from rayllm.serve.errors import ServeError, from_exception, from_validation_error, sse_error
 from rayllm.serve.metrics import UNRESOLVED, ServeMetrics, split_served_name
 from rayllm.serve.protocol import Backend, Kind
 
@@ -41,6 +46,12 @@ class Frontend:
     keys: Keys
     metrics: ServeMetrics
     playground: bool = False
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    max_model_len: int | None = None  # the max_tokens cap when limits.max_tokens is empty
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        return self.limits.max_tokens or self.max_model_len
 
 
 def _request_types() -> dict[Kind, type]:
@@ -50,15 +61,85 @@ def _request_types() -> dict[Kind, type]:
     return {"completion": CompletionRequest, "chat": ChatCompletionRequest}
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def _too_large(limit: int) -> ServeError:
+    return ServeError(413, f"request body is larger than {limit} bytes (serve.limits.max_body_bytes)")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit` (by Content-Length, or while it streams in)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ServeError(400, "Content-Length is not a number")
+        if int(length) > limit:
+            raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:  # iterative: the depth being checked is the attacker's to choose
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+async def _json_body(request: Request, limits: ServeLimits) -> dict[str, Any]:
+    raw = await _read_body(request, limits.max_body_bytes)
     try:
         data = json.loads(raw)
+    except RecursionError:
+        data = None  # nested beyond what the parser recurses into: certainly beyond the limit
     except ValueError as e:
         raise ServeError(400, f"request body is not valid JSON: {e}") from None
+    if data is None and raw.strip() != b"null" or _deeper_than(data, limits.max_json_depth):
+        raise ServeError(400, f"request body is nested deeper than {limits.max_json_depth} levels (serve.limits.max_json_depth)")
     if not isinstance(data, dict):
         raise ServeError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _over(param: str, value: Any, cap: int | None, key: str) -> None:
+    if cap is not None and isinstance(value, int) and not isinstance(value, bool) and value > cap:
+        raise ServeError(400, f"{param} is {value}; this server allows at most {cap} (serve.limits.{key})", param)
+
+
+def _check_caps(front: Frontend, req: Any, data: dict[str, Any]) -> None:
+    """The per-request costs vLLM would accept but this server bounds (a 400 naming the field and its cap)."""
+    lim = front.limits
+    _over("n", getattr(req, "n", None), lim.max_n, "max_n")
+    best_of = data.get("best_of")  # not a field of vLLM's request types (it ignores it): bounded all the same
+    if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < 1):
+        raise ServeError(400, f"best_of must be a positive integer, got {best_of!r}", "best_of")
+    _over("best_of", best_of, lim.max_best_of, "max_best_of")
+    for param in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        _over(param, getattr(req, param, None), lim.max_logprobs, "max_logprobs")
+    cap = front.max_tokens_cap
+    for param in ("max_tokens", "max_completion_tokens"):
+        _over(param, getattr(req, param, None), cap, "max_tokens" if lim.max_tokens else "max_tokens (empty: serve.max_model_len)")
+
+
+async def _next_before(stream: Any, deadline: float) -> Any:
+    """The stream's next item, or TimeoutError at `deadline` (loop time)."""
+    if hasattr(asyncio, "timeout_at"):  # 3.11+: a timer handle per call, not a task as wait_for makes
+        async with asyncio.timeout_at(deadline):
+            return await stream.__anext__()
+    return await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
+def _error_response(err: ServeError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
 def _parse(cls: type, data: dict[str, Any]) -> Any:
@@ -88,13 +169,14 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        err = ServeError(500, f"internal error: {type(exc).__name__}")
-        return JSONResponse(err.body(), status_code=500)
+        err = from_exception(exc)
+        if err.status == 500:
+            logger.exception("unhandled error")
+        return _error_response(err)
 
     @app.get("/health")
     async def health() -> Response:
@@ -127,29 +209,50 @@ def build_app(front: Frontend) -> FastAPI:
 
     async def generate(kind: Kind, route: str, request: Request) -> Response:
         t0 = time.perf_counter()
-        served = UNRESOLVED
-        try:
+        deadline = asyncio.get_running_loop().time() + front.limits.request_timeout_s
+        served, stream = UNRESOLVED, None
+
+        async def start() -> Any:
+            nonlocal served, stream
             require_api_key(front.keys, request.headers.get("authorization"))
-            req = _parse(types[kind], await _json_body(request))
+            data = await _json_body(request, front.limits)
+            req = _parse(types[kind], data)
+            _check_caps(front, req, data)
             spec = await front.catalog.resolve(req.model)
             served = spec.name if spec else base
             stream = front.backend.generate(kind, req, spec)
-            first = await stream.__anext__()
-        except ServeError as e:
-            front.metrics.observe(*split_served_name(served, base), route, e.status, time.perf_counter() - t0)
-            return JSONResponse(e.body(), status_code=e.status)
-        except Exception as e:  # noqa: BLE001 - e.g. the engine died: a 500 that is counted, with the cause logged
-            logger.exception("request failed")
-            front.metrics.observe(*split_served_name(served, base), route, 500, time.perf_counter() - t0)
-            return JSONResponse(ServeError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+            first = await _next_before(stream, deadline)
+            if not first.get("stream"):
+                while True:  # nothing follows a whole response: let the backend finish cleanly
+                    try:
+                        await _next_before(stream, deadline)
+                    except StopAsyncIteration:
+                        break
+            return first
+
+        try:
+            first = await start()
+        except StopAsyncIteration:
+            err = ServeError(500, "internal error: the backend sent no response")
+        except (TimeoutError, asyncio.TimeoutError):
+            if stream is not None:
+                await _close(stream)
+            err = ServeError(504, f"request timed out after {front.limits.request_timeout_s:g}s (serve.limits.request_timeout_s)")
+        except Exception as e:  # noqa: BLE001 - a ServeError, Serve's back-pressure, or a dead engine (a 500, counted, logged)
+            err = from_exception(e)
+            if err.status == 500:
+                logger.exception("request failed")
+        else:
+            err = None
+        if err is not None:
+            front.metrics.observe(*split_served_name(served, base), route, err.status, time.perf_counter() - t0)
+            return _error_response(err)
         adapter, version = split_served_name(served, base)
         if not first.get("stream"):
-            async for _ in stream:  # nothing follows a whole response: let the backend finish cleanly
-                pass
             status, body = first["status"], first["body"]
             front.metrics.observe(adapter, version, route, status, time.perf_counter() - t0, body.get("usage"))
             return JSONResponse(body, status_code=status)
-        return StreamingResponse(_relay(front, stream, adapter, version, route, t0), media_type="text/event-stream")
+        return StreamingResponse(_relay(front, stream, adapter, version, route, t0, deadline), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -162,7 +265,7 @@ def build_app(front: Frontend) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
         require_admin_key(front.keys, request.headers.get("authorization"))
-        data = await _json_body(request)
+        data = await _json_body(request, front.limits)
         name, path = data.get("lora_name"), data.get("lora_path")
         if not isinstance(path, str) or not path:
             raise ServeError(400, "lora_path must be a non-empty string (a local folder or an s3:// URL)", "lora_path")
@@ -174,7 +277,7 @@ def build_app(front: Frontend) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> Response:
         require_admin_key(front.keys, request.headers.get("authorization"))
-        data = await _json_body(request)
+        data = await _json_body(request, front.limits)
         name = data.get("lora_name")
         if not isinstance(name, str) or not name:
             raise ServeError(400, "lora_name must be a non-empty string", "lora_name")
@@ -194,11 +297,15 @@ def _is_version(name: str) -> bool:
         return False
 
 
-async def _relay(front: Frontend, stream: Any, adapter: str, version: str, route: str, t0: float):
+async def _relay(front: Frontend, stream: Any, adapter: str, version: str, route: str, t0: float, deadline: float):
     """SSE chunks to the client; keeps the trailing usage item for the metrics."""
     ttft, usage, status, finished = None, None, 200, False
     try:
-        async for item in stream:
+        while True:
+            try:
+                item = await _next_before(stream, deadline)
+            except StopAsyncIteration:
+                break
             if isinstance(item, str):
                 if ttft is None:
                     ttft = time.perf_counter() - t0
@@ -206,7 +313,11 @@ async def _relay(front: Frontend, stream: Any, adapter: str, version: str, route
             else:
                 usage = item.get("usage")
         finished = True
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as vLLM does
+    except (TimeoutError, asyncio.TimeoutError):  # headers are sent: report in-band, as vLLM does
+        status = 504
+        yield sse_error(ServeError(504, f"request timed out after {front.limits.request_timeout_s:g}s (serve.limits.request_timeout_s)"))
+        yield DONE
+    except Exception as e:  # noqa: BLE001
         logger.exception("stream failed")
         status = 500
         yield sse_error(ServeError(500, f"stream failed: {type(e).__name__}"))

@@ -145,10 +145,11 @@ class FakeEngine:
 
 
 def make_frontend(tmp_path: Path, engine: FakeEngine | None = None, keys=None, folders: dict[str, str] | None = None,
-                  registry_root: str | None = None, slots: int = 4, seed: int = 0):
+                  registry_root: str | None = None, slots: int = 4, seed: int = 0, limits=None, max_model_len: int | None = None):
     """The real HTTP layer, catalog, residency and metrics over a FakeEngine, in this process."""
     import random
 
+    from rayllm.config.serve import ServeLimits
     from rayllm.serve.adapters import AdapterCatalog
     from rayllm.serve.auth import Keys
     from rayllm.serve.metrics import ServeMetrics
@@ -159,8 +160,11 @@ def make_frontend(tmp_path: Path, engine: FakeEngine | None = None, keys=None, f
     engine = engine or FakeEngine()
     adapters = AdapterManager(engine, slots=slots, max_rank=16, base_fingerprint="sha256:fake-base",
                               stage_dir=str(tmp_path / "stage"))
-    catalog = AdapterCatalog("base", folders, registry_root, refresh_s=0.0, rng=random.Random(seed))
-    return Frontend(catalog, LocalBackend(LLMServerCore(engine, adapters)), keys or Keys(), ServeMetrics())
+    limits = limits or ServeLimits()
+    catalog = AdapterCatalog("base", folders, registry_root, refresh_s=0.0, rng=random.Random(seed),
+                             cache_size=limits.model_cache_size, names_ttl_s=limits.unknown_model_cache_s)
+    return Frontend(catalog, LocalBackend(LLMServerCore(engine, adapters)), keys or Keys(), ServeMetrics(),
+                    limits=limits, max_model_len=max_model_len)
 
 
 def sse_events(text: str) -> list:

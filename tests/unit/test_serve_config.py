@@ -89,8 +89,11 @@ def test_replica_options_fixed_or_autoscaled_and_gpu_resources():
     from rayllm.config import ConfigError, parse_config
     from rayllm.serve.app import replica_options
 
-    fixed = parse_config({"serve": {"model": "/m", "num_replicas": 3}}).serve
-    assert replica_options(fixed) == {"max_ongoing_requests": 256, "num_replicas": 3}
+    fixed = parse_config({"serve": {"model": "/m", "num_replicas": 3, "limits": {"max_queued_requests": 7, "retry_after_s": 2}}}).serve
+    opts = replica_options(fixed)
+    backpressure = opts.pop("backpressure_config")
+    assert opts == {"max_ongoing_requests": 256, "num_replicas": 3, "max_queued_requests": 7}
+    assert (backpressure.status_code, backpressure.retry_after_s) == (503, 2)
     auto = parse_config({"serve": {"model": "/m", "replica_gpus": 1, "autoscaling": {"min_replicas": 0, "max_replicas": 4}}}).serve
     opts = replica_options(auto)
     assert "num_replicas" not in opts
