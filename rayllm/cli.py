@@ -68,7 +68,40 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
         if verb == "prepare":
             p.add_argument("--force", action="store_true", help="Rebuild even when the output is up to date.")
+        if verb in QUIET_VERBS:
+            p.add_argument("--verbose", action="store_true",
+                           help="Show Ray's, the workers' and the libraries' output on the console too "
+                                "(by default it goes to the log file the command names; the console shows rayllm's lines).")
     return parser
+
+
+# Verbs whose console shows rayllm's lines and progress only; the rest of their output goes to a log file.
+QUIET_VERBS = ("prepare", "train", "sweep", "demo")
+
+
+def log_path(verb: str, cfg: RayllmConfig | None, args: argparse.Namespace):
+    """The log file of a quiet verb: in the folder its results go to."""
+    from pathlib import Path
+
+    if verb == "demo":
+        from rayllm.demo import log_path as demo_log
+
+        return demo_log(args)
+    if verb == "prepare":
+        out = Path(cfg.data.output_dir).expanduser().resolve()
+        return out.parent / f"{out.name}.prepare.log"  # not inside: the output folder is replaced when complete
+    if verb == "train":
+        from rayllm.train.run_store import RunStore
+
+        return RunStore(cfg.train.output_dir, cfg.train.run_name).local / "rayllm.log"
+    return Path(cfg.tune.output_dir).expanduser().resolve() / cfg.tune.name / "rayllm.log"
+
+
+def _quietly(verb: str, cfg: RayllmConfig | None, args: argparse.Namespace, body) -> int:
+    from rayllm import console
+
+    with console.session(log_path(verb, cfg, args), verbose=args.verbose, title=" ".join(sys.argv[1:])):
+        return body()
 
 
 def _require(cfg: RayllmConfig, section: str | None, source: str) -> None:
@@ -161,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from rayllm.demo import main as demo_main
 
-            return demo_main(args)
+            return _quietly("demo", None, args, lambda: demo_main(args))
         if args.verb == "export":
             return _export(args)
         if args.verb == "report":
@@ -184,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             sections = [name for name in RayllmConfig.model_fields if getattr(cfg, name) is not None]
             print(f"{args.config}: ok (sections: {', '.join(sections)})")
             return 0
+        if args.verb in QUIET_VERBS:
+            return _quietly(args.verb, cfg, args, lambda: _run_verb(args.verb, cfg, args))
         return _run_verb(args.verb, cfg, args)
     except ConfigError as exc:
         print(f"rayllm: invalid config {exc}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """`rayllm demo`: the life cycle on an embedded local Ray with a tiny model, in one go.
 
 Each stage writes the config it runs into the work dir (so it can be rerun by hand with the
-matching verb) and prints where its artifacts are. Stages that are already done are reused.
+matching verb) and ends with a line saying how long it took and where its artifacts are. Stages
+that are already done are reused. The console shows rayllm's lines; everything else (Ray, the
+workers, the libraries) goes to the log file the CLI names (`--verbose`: all on the console).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from rayllm import console
 
 
 def _write_config(workdir: Path, name: str, cfg: dict) -> Path:
@@ -34,7 +38,7 @@ def _instruction_set(corpus: Path, out: Path) -> Path:
     return out
 
 
-def stage_prepare(workdir: Path, address: str | None) -> None:
+def stage_prepare(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.data.corpora import botchan_path
     from rayllm.data.prepare import run
@@ -51,6 +55,7 @@ def stage_prepare(workdir: Path, address: str | None) -> None:
         "tokenizer": {"path": str(workdir / "data" / "pretrain" / "tokenizer")},
     }})
     run(load_config(sft).data, address=address)
+    return f"datasets {workdir / 'data' / 'pretrain'}, {workdir / 'data' / 'sft'}"
 
 
 def _train_section(workdir: Path, dataset: str, run_name: str, steps: int, lr: float) -> dict:
@@ -67,20 +72,24 @@ TINY_MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_position
 LORA = {"rank": 8, "alpha": 32}
 
 
-def stage_pretrain(workdir: Path, address: str | None) -> None:
+def stage_pretrain(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.train.launch import run
 
     path = _write_config(workdir, "pretrain", {"model": TINY_MODEL, "train": _train_section(workdir, "pretrain", "pretrain", 60, 2e-3)})
     result = run(load_config(path), address=address)
-    print(f"pretrained model: {result.get('model_dir')}  (val loss {result.get('val_loss')})")
+    return f"model {result.get('model_dir')} (val loss {_figure(result.get('val_loss'))})"
+
+
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _base_model(workdir: Path) -> str:
     return str(workdir / "train" / "pretrain" / "model")
 
 
-def stage_finetune(workdir: Path, address: str | None) -> None:
+def stage_finetune(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.train.launch import run
 
@@ -89,10 +98,10 @@ def stage_finetune(workdir: Path, address: str | None) -> None:
         "train": _train_section(workdir, "sft", "finetune", 30, 2e-3),
     })
     result = run(load_config(path), address=address)
-    print(f"LoRA adapter: {result.get('adapter_dir')}  (val loss {result.get('val_loss')})")
+    return f"LoRA adapter {result.get('adapter_dir')} (val loss {_figure(result.get('val_loss'))})"
 
 
-def stage_sweep(workdir: Path, address: str | None) -> None:
+def stage_sweep(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.tune.sweep import run
 
@@ -104,10 +113,11 @@ def stage_sweep(workdir: Path, address: str | None) -> None:
                  "publish_as": "botchan"},  # promoted by the serve stage, through the gate on its own endpoint
         "registry": {"path": str(workdir / "registry")},
     })
-    run(load_config(path), address=address)
+    summary = run(load_config(path), address=address)
+    return f"sweep {summary['sweep_dir']} (report.html), published {summary.get('published')}"
 
 
-def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> None:
+def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> str:
     """Serve the base and the sweep's newest version, promote `botchan:prod` to it through the gate
     (its perplexity measured on this endpoint must match its trainer's), answer with each, shut down."""
     from rayllm.config import load_config
@@ -127,19 +137,23 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> None:
                               "tolerance": 0.03 if bf16_supported(False) else 0.01}},
     })
     cfg = load_config(path)
+    out = console.get()
+    out.say(f"serve: starting the endpoint (vLLM on Ray Serve) for the base and {candidate.ref}")
     url = deploy(cfg)
     try:
+        out.say(f"serve: endpoint {url}")
         _promote_through_gate(registry, candidate.version, cfg)
         from openai import OpenAI
 
         client = OpenAI(base_url=url, api_key="unused")
-        print("models:", [m.id for m in client.models.list().data])
+        out.say(f"serve: models {[m.id for m in client.models.list().data]}")
         question = [{"role": "user", "content": "Continue the story: I went to the school"}]
         for model in ("base", "botchan:prod"):
             reply = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
-            print(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r}")
+            out.say(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r}")
     finally:
         undeploy(cfg)
+    return f"served and shut down; registry {workdir / 'registry'}"
 
 
 def _promote_through_gate(registry, version: int, cfg) -> None:
@@ -150,12 +164,12 @@ def _promote_through_gate(registry, version: int, cfg) -> None:
     current = registry.get_alias("botchan:prod")
     if current is None or current.targets != (Target(version),):
         started = time.time()
-        gate.promote(registry, "botchan:prod", version, cfg.registry.gate, by="demo", say=print)
-        print(f"botchan:prod → v{version} (gate measured in {time.time() - started:.1f} s)")
+        gate.promote(registry, "botchan:prod", version, cfg.registry.gate, by="demo", say=console.get().say)
+        console.get().say(f"serve: botchan:prod → v{version} (gate measured in {time.time() - started:.1f} s)")
     time.sleep(cfg.serve.registry_refresh_s + 0.5)  # the endpoint re-reads aliases this often
 
 
-STAGES: dict[str, Callable[[Path, str | None], None]] = {
+STAGES: dict[str, Callable[[Path, str | None], str]] = {
     "prepare": stage_prepare,
     "pretrain": stage_pretrain,
     "finetune": stage_finetune,
@@ -164,23 +178,32 @@ STAGES: dict[str, Callable[[Path, str | None], None]] = {
 }
 
 
+def log_path(args: argparse.Namespace) -> Path:
+    """Where the demo's Ray, worker and library output goes (appended to on each run)."""
+    return Path(args.workdir).resolve() / "rayllm.log"
+
+
 def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
+    out = console.get()
     names = args.stages.split(",") if args.stages else list(STAGES)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        print(f"rayllm demo: unknown stage(s) {unknown}; available: {', '.join(STAGES)}")
+        out.say(f"demo: unknown stage(s) {unknown}; available: {', '.join(STAGES)}")
         return 2
     from rayllm.ray_session import ray_session
 
+    begun = time.time()
     with ray_session(args.address, dashboard=True):
         for name in names:
             started = time.time()
-            print(f"\n=== demo stage: {name} ===", flush=True)
+            out.echo(f"\n=== demo stage: {name} ===")
             if name == "serve":
-                stage_serve(workdir, args.address, port=getattr(args, "port", 8000))
+                made = stage_serve(workdir, args.address, port=getattr(args, "port", 8000))
             else:
-                STAGES[name](workdir, args.address)
-            print(f"=== {name} done in {time.time() - started:.0f} s ===", flush=True)
-    print(f"\ndemo finished; artifacts under {workdir}")
+                made = STAGES[name](workdir, args.address)
+            out.say(f"{name}: {made}")
+            out.echo(f"=== {name} done in {time.time() - started:.0f} s ===")
+    out.echo(f"\ndemo finished in {time.time() - begun:.0f} s; artifacts under {workdir}"
+             + (f"; log {out.log_path}" if out.log_path else ""))
     return 0

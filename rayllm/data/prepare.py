@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from rayllm import console
 from rayllm.config import config_hash
 from rayllm.config.data import DataConfig
 from rayllm.data.manifest import SCHEMA_VERSION, read_manifest, summary_table, write_manifest
@@ -37,8 +38,8 @@ def run(cfg: DataConfig, address: str | None = None, force: bool = False) -> dic
     chash = config_hash(cfg)
     old = read_manifest(out)
     if old and not force and old.get("config_hash") == chash and old.get("input_fingerprint") == fingerprint:
-        print(f"prepare: {out} is up to date (config {chash}, inputs {fingerprint}); --force rebuilds")
         print(summary_table(old))
+        console.get().say(f"prepare {out.name}: {out} is up to date (config {chash}, inputs {fingerprint}); --force rebuilds")
         return old
 
     from rayllm.ray_session import ray_session
@@ -48,8 +49,9 @@ def run(cfg: DataConfig, address: str | None = None, force: bool = False) -> dic
     stage.mkdir()
     started = time.time()
     try:
-        with ray_session(address, dashboard=False):  # Ray Data needs no dashboard; starting one costs seconds
-            manifest = _prepare(cfg, files, stage, out.parent / f"{out.name}.rejects.jsonl")
+        with ray_session(address, dashboard=False), console.get().progress(f"prepare {out.name}") as bar:
+            # Ray Data needs no dashboard; starting one costs seconds
+            manifest = _prepare(cfg, files, stage, out.parent / f"{out.name}.rejects.jsonl", _Phases(bar))
         manifest.update(
             schema_version=SCHEMA_VERSION,
             output_dir=str(out),
@@ -66,7 +68,27 @@ def run(cfg: DataConfig, address: str | None = None, force: bool = False) -> dic
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     print(summary_table(manifest))
+    console.get().say(f"prepare {out.name}: {_one_line(manifest)} → {out}")
     return manifest
+
+
+class _Phases:
+    """The progress line of a prepare: the phase, the rows it went through and their rate (rows over
+    the time since the prepare began, as a person reads it)."""
+
+    def __init__(self, bar):
+        self.bar, self.started = bar, time.time()
+
+    def __call__(self, phase: str, rows: int) -> None:
+        took = max(time.time() - self.started, 1e-9)
+        counted = f"  {rows:,} rows  {rows / took:,.0f} rows/s" if rows else ""  # none counted before the read ends
+        self.bar.update(f"{phase}{counted}  {console.clock_text(took)}")
+
+
+def _one_line(m: dict[str, Any]) -> str:
+    splits = " / ".join(f"{s['sequences']:,} {name}" for name, s in m["splits"].items())
+    return (f"{m['rows_in']:,} rows in, {m['rows_rejected']:,} rejected, {m['duplicates_removed']:,} duplicates removed → "
+            f"{splits} sequences of {m['seq_len']} tokens in {m['seconds']} s ({m['rows_in'] / max(m['seconds'], 1e-9):,.0f} rows/s)")
 
 
 def _replace(stage: Path, out: Path) -> None:
@@ -92,9 +114,11 @@ def _check_rejects(rejects: "_Rejects", rows_in: int, cfg: DataConfig, failed_fi
     return fraction
 
 
-def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) -> dict[str, Any]:
+def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path, phase=lambda name, rows: None) -> dict[str, Any]:
+    phase("read+clean", 0)
     cleaned = read_cleaned(files, cfg).materialize()
     rows_in = cleaned.count()
+    phase("rejects+dedup", rows_in)
     if rows_in == 0:
         raise PrepareError(f"data.inputs: {len(files)} file(s) hold no rows")
     rejects = _rejects(cleaned, cfg.rejects_sample)
@@ -109,6 +133,7 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     unique = unique.materialize()
     n_unique = unique.count()
     pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors)
+    phase("tokenizer", n_unique)
 
     tokenizer_dir = stage / "tokenizer"
     source = _tokenizer(cfg, unique, n_unique, tokenizer_dir)
@@ -118,6 +143,7 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path) 
     if cfg.mode in ("sft", "preference"):
         unique = _render_drop_long(unique, cfg, str(tokenizer_dir), rejects, pool)
     split_stats = {}
+    phase("tokenize+pack", n_unique)
     for name in SPLITS:
         ds = unique.filter(lambda r, s=name: r["split"] == s)
         if pool:  # materialized, so the tokenizer actors (which may hold every CPU) have no upstream task to wait on

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayllm import console
 from rayllm.config import ConfigError, RayllmConfig, config_hash, parse_config
 from rayllm.tune.report import TrialRow, best_trial, plot, table, write_csv
 from rayllm.tune.space import check_sweep, fingerprint, grid_size, param_space, trial_config
@@ -127,6 +128,7 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
 
     from rayllm.ray_session import ray_session
+    from rayllm.tune.progress import SweepView, TrialProgress
 
     path = str(out / "tune")
     resuming = tune.Tuner.can_restore(path)
@@ -137,9 +139,10 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
     trainable = tune.with_resources(  # Tune refuses an empty request; the trial's driver idles
         tune.with_parameters(_trial, base=base, trials_dir=str(trials_dir), group=t.name), {"CPU": 0.01})
     started = time.time()
-    with ray_session(address, dashboard=True):
+    with ray_session(address, dashboard=True), console.get().progress(f"sweep {t.name}") as bar:
+        TrialProgress.view = SweepView(bar, grid_size(t), cfg.train.max_steps)
         if resuming:
-            print(f"sweep: resuming {path}")
+            console.get().say(f"sweep {t.name}: resuming {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             scheduler = ASHAScheduler(time_attr="step", reduction_factor=t.reduction_factor, stop_last_trials=False,
@@ -149,15 +152,18 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
                 param_space=param_space(t),
                 tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
                                             num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials),
-                run_config=tune.RunConfig(name="tune", storage_path=str(out)),
+                run_config=tune.RunConfig(name="tune", storage_path=str(out), callbacks=[TrialProgress()]),
             )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            TrialProgress.view = None
     # Tune returns normally after Ctrl-C, with the cut trials TERMINATED in the grid it hands back;
     # its saved state (what a rerun restores) still has them unfinished. Rank only a whole grid.
     saved = tune.ExperimentAnalysis(path).trials
     done, expected = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved), grid_size(t)
     if done < expected:
-        print(f"sweep: interrupted with {done} of {expected} trials done; run the same command again to resume")
+        console.get().say(f"sweep {t.name}: interrupted with {done} of {expected} trials done; run the same command again to resume")
         raise KeyboardInterrupt(f"sweep {out} interrupted")
     return summarize(cfg, grid, trials_dir, out, time.time() - started, address)
 
@@ -198,7 +204,7 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float,
     evaluation = evaluate_trials(cfg, rows, out, address) if cfg.tune.evaluate else None
     write_csv(rows, out / "results.csv")
     plot(rows, best, out / "val_loss.png")
-    print(table(rows, best))
+    console.get().echo(table(rows, best))
     summary: dict[str, Any] = {"sweep_dir": str(out), "results_csv": str(out / "results.csv"), "plot": str(out / "val_loss.png"),
                                "trials": len(rows), "stopped_early": sum(r.stopped_early for r in rows), "wall_s": round(wall, 1),
                                "best": best.trial if best else None, "best_val_loss": best.best_val_loss if best else None}
@@ -210,7 +216,8 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float,
     from rayllm.report import build
 
     build(out)
-    print(f"sweep: results in {out} (results.csv, val_loss.png, summary.json, report.html)")
+    console.get().say(f"sweep {cfg.tune.name}: {len(rows)} trials ({summary['stopped_early']} stopped early) in {wall:.0f} s; "
+                      f"results in {out} (results.csv, val_loss.png, summary.json, report.html)")
     return summary
 
 
@@ -238,7 +245,7 @@ def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = Non
     from rayllm.registry.promotion import promote_if_better
 
     if not best.adapter_dir:
-        print(f"sweep: best trial {best.trial} left no adapter; nothing published")
+        console.get().say(f"sweep: best trial {best.trial} left no adapter; nothing published")
         return {"published": None}
     registry = Registry(cfg.registry.path)
     name = cfg.tune.publish_as
@@ -247,7 +254,7 @@ def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = Non
     same = [r for r in already if registry.show(r).get("manifest", {}).get("source_run") == best.trial]
     if same:  # a rerun of a finished sweep publishes nothing twice
         ref = same[-1]
-        print(f"sweep: {best.trial} is already published as {ref}")
+        console.get().say(f"sweep: {best.trial} is already published as {ref}")
     else:
         # val_loss/val_ppl stay the adapter folder's own: the figure of the exported (final) weights,
         # which is what the promotion gate measures again through the endpoint. The trial's best
@@ -256,7 +263,7 @@ def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = Non
         if (n := gate.trainer_sequences(train, cfg.train.dataset)) is not None:
             metrics["val_sequences"] = n
         ref = registry.publish(name, best.adapter_dir, metrics=metrics, source_run=best.trial)
-        print(f"sweep: published {best.trial} as {ref}")
+        console.get().say(f"sweep: published {best.trial} as {ref}")
         if evaluation and best.eval:  # as `rayllm eval` records a registry version's figures
             from datetime import datetime, timezone
 
@@ -267,20 +274,20 @@ def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = Non
         version = AdapterRef.parse(ref).version
         alias = AdapterRef.of_alias(cfg.tune.publish_as, cfg.tune.promote_alias)
         move = lambda a, v: gate.promote(registry, a, v, cfg.registry.gate, skip=cfg.tune.promote_skip_gate,  # noqa: E731
-                                         by=f"sweep {cfg.tune.name}", train=train, say=print)
+                                         by=f"sweep {cfg.tune.name}", train=train, say=console.get().say)
         try:
             out["promoted"] = promote_if_better(registry, cfg.tune.publish_as, cfg.tune.promote_alias, version,
                                                 metric="val_loss", margin=cfg.tune.promote_margin, move=move)
         except gate.GateRefused as e:  # the sweep's results stand; production stays where it was
-            print(f"sweep: {alias} kept: {e}")
+            console.get().say(f"sweep: {alias} kept: {e}")
             out["gate"] = e.verdict.to_json()
             return out
         except RegistryError as e:
-            print(f"sweep: {alias} kept: {e}")
+            console.get().say(f"sweep: {alias} kept: {e}")
             out["gate_error"] = str(e)
             return out
         skipped = " (gate skipped: tune.promote_skip_gate)" if cfg.tune.promote_skip_gate else ""
-        print(f"sweep: {alias} → {ref}{skipped}" if out["promoted"]
+        console.get().say(f"sweep: {alias} → {ref}{skipped}" if out["promoted"]
               else f"sweep: {alias} kept (the new version is not better by {cfg.tune.promote_margin})")
     return out
 
