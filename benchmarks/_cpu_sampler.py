@@ -134,9 +134,8 @@ def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int 
 
     own = sorted(((after.procs[p].name, delta(p)) for p in side_after), key=lambda v: -v[1])
     named = defaultdict(float)
-    for pid in after.procs.keys() - seen.keys():
-        if pid in before.procs:
-            named[after.procs[pid].name] += delta(pid) / span
+    for pid in after.procs.keys() - seen.keys():  # those born inside the window too (a test run started meanwhile)
+        named[after.procs[pid].name] += delta(pid) / span
     out = {"seconds": span, "side": side / span, "others": max(0.0, (after.busy - before.busy - side) / span),
            "others_top": sorted(((n, v) for n, v in named.items() if v >= 0.005), key=lambda kv: -kv[1])[:3]}
     if ranks:
