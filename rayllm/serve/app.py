@@ -27,6 +27,8 @@ from typing import Any
 from ray import serve
 
 from rayllm.config import RayllmConfig, ServeConfig, load_config, parse_config
+from rayllm.config.serve import is_loopback
+from rayllm.serve.auth import Keys
 from rayllm.serve.protocol import AdapterSpec, Kind
 from rayllm.serve.server import LocalBackend
 from rayllm.storage import is_uri
@@ -67,7 +69,7 @@ def servable_config(cfg: ServeConfig) -> ServeConfig:
 class _LLMServer:
     """One vLLM engine and the adapters it holds (the LLM deployment's replica)."""
 
-    async def __init__(self, serve_cfg: dict, registry_root: str | None, registry_cache_dir: str | None = None):
+    async def __init__(self, serve_cfg: ServeConfig, registry_root: str | None, registry_cache_dir: str | None = None):
         from rayllm.model import base_fingerprint
         from rayllm.serve.residency import AdapterManager
         from rayllm.serve.server import LLMServerCore
@@ -118,7 +120,7 @@ class _LLMServer:
 class _LLMServerWithRoutes(_LLMServer):
     """topology `single`: the LLM replica serves the HTTP routes itself (no ingress hop)."""
 
-    async def __init__(self, serve_cfg: dict, registry_root: str | None, registry_cache_dir: str | None = None):
+    async def __init__(self, serve_cfg: ServeConfig, registry_root: str | None, registry_cache_dir: str | None = None):
         await _LLMServer.__init__(self, serve_cfg, registry_root, registry_cache_dir)
         self.front = _frontend(self.cfg, self.catalog, LocalBackend(self.core))
 
@@ -136,13 +138,12 @@ def catalog_for(cfg: ServeConfig, registry_root: str | None) -> Any:
 
 
 def _frontend(cfg: ServeConfig, catalog: Any, backend: Any) -> Any:
-    from rayllm.serve.auth import Keys
     from rayllm.serve.metrics import ServeMetrics
     from rayllm.serve.openai_routes import Frontend
 
-    return Frontend(catalog=catalog, backend=backend, keys=Keys.from_config(cfg.api_keys, cfg.admin_key),
+    return Frontend(catalog=catalog, backend=backend, keys=Keys.from_config(cfg.api_keys, cfg.admin_key, tenants=cfg.tenants),
                     metrics=ServeMetrics(mirror_to_ray=True), playground=cfg.playground, limits=cfg.limits,
-                    max_model_len=cfg.max_model_len)
+                    max_model_len=cfg.max_model_len, lora_roots=tuple(cfg.lora_roots))
 
 
 LLMServer = serve.deployment(name="LLMServer")(_LLMServer)
@@ -187,7 +188,7 @@ class HandleBackend:
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, llm: Any, serve_cfg: dict, registry_root: str | None):
+    def __init__(self, llm: Any, serve_cfg: ServeConfig, registry_root: str | None):
         cfg = ServeConfig.model_validate(serve_cfg)
         catalog = catalog_for(cfg, registry_root)
         self.front = _frontend(cfg, catalog, HandleBackend(llm))
@@ -229,7 +230,11 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
     cfg = servable_config(cfg)
     root = _registry_root(registry_path)
     cache = None if cfg.stage_dir or not registry_cache_dir else str(Path(registry_cache_dir).expanduser().resolve())
-    raw = cfg.model_dump(mode="json")
+    # The validated config object itself goes to the replicas (pickled): a dump would drop the API keys.
+    raw = cfg
+    if cfg.allow_unauthenticated and not is_loopback(cfg.host) and not Keys.from_config(cfg.api_keys, None, tenants=cfg.tenants).guarded:
+        logger.warning("rayllm serve: /v1/* on %s is open to anyone who reaches it (serve.allow_unauthenticated: true, "
+                       "no API keys)", cfg.host)
     resources = {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
     if cfg.topology == "single":
         return LLMServerWithRoutes.options(

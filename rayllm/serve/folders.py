@@ -13,13 +13,42 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
 from rayllm.storage import is_uri, url_to_fs
+
+
+def check_lora_path(path: str, roots: tuple[str, ...] | list[str]) -> str:
+    """The load route's `lora_path` if it lies under one of `serve.lora_roots`, else a ServeError:
+    400 for a relative path, a `..` or a scheme no root has, 403 for a place outside every root.
+
+    Local paths are compared after resolving symlinks, so a link inside a root cannot lead out.
+    """
+    if "://" in path:
+        scheme, netloc, rest = urlsplit(path)[:3]
+        if ".." in rest.split("/"):
+            raise ServeError(400, "lora_path must not contain '..'", "lora_path")
+        prefixes = [r for r in roots if "://" in r]
+        if scheme not in {urlsplit(r).scheme for r in prefixes}:
+            raise ServeError(400, f"lora_path scheme {scheme!r} is not allowed here (serve.lora_roots)", "lora_path")
+        target = f"{scheme}://{netloc}{posixpath.normpath('/' + rest.lstrip('/'))}"
+        if any(target == r.rstrip("/") or target.startswith(r.rstrip("/") + "/") for r in prefixes):
+            return path
+    else:
+        if not os.path.isabs(path):
+            raise ServeError(400, "lora_path must be an absolute folder or a URL", "lora_path")
+        real = os.path.realpath(path)
+        for root in (r for r in roots if "://" not in r):
+            base = os.path.realpath(root)
+            if os.path.commonpath([base, real]) == base:
+                return path
+    raise ServeError(403, "lora_path is outside the folders this server loads adapters from (serve.lora_roots)", "lora_path")
 
 
 class AdapterFolders:

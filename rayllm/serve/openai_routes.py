@@ -26,9 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from rayllm.registry.names import AdapterRef, InvalidNameError
 from rayllm.serve.adapters import AdapterCatalog
-from rayllm.serve.auth import Keys, require_admin_key, require_api_key
+from rayllm.serve.auth import Keys, require_admin_key, require_api_key, require_own_adapter
 from rayllm.config.serve import ServeLimits
 from rayllm.serve.errors import ServeError, from_exception, from_validation_error, sse_error
+from rayllm.serve.folders import check_lora_path
 from rayllm.serve.metrics import UNRESOLVED, ServeMetrics, split_served_name
 from rayllm.serve.protocol import Backend, Kind
 
@@ -48,6 +49,7 @@ class Frontend:
     playground: bool = False
     limits: ServeLimits = field(default_factory=ServeLimits)
     max_model_len: int | None = None  # the max_tokens cap when limits.max_tokens is empty
+    lora_roots: tuple[str, ...] = ()  # where the load route may load from (serve.lora_roots)
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -182,11 +184,10 @@ def build_app(front: Frontend) -> FastAPI:
     async def health() -> Response:
         try:
             await front.backend.check_health()
-        except ServeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a dead replica is "unavailable", not a bug in this route
-            raise ServeError(503, f"engine unavailable: {type(e).__name__}") from None
-        return Response(status_code=200)
+        except Exception:  # noqa: BLE001 - open to anyone: the cause goes to the log, not to the caller
+            logger.warning("health check failed", exc_info=True)
+            raise ServeError(503, "unhealthy", retry_after_s=1.0) from None
+        return JSONResponse({"status": "healthy"})
 
     if front.playground:
         from importlib.resources import files
@@ -204,8 +205,8 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        require_api_key(front.keys, request.headers.get("authorization"))
-        return JSONResponse({"object": "list", "data": await front.catalog.model_cards()})
+        scope = require_api_key(front.keys, request.headers.get("authorization"))
+        return JSONResponse({"object": "list", "data": await front.catalog.model_cards(scope)})
 
     async def generate(kind: Kind, route: str, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -214,11 +215,11 @@ def build_app(front: Frontend) -> FastAPI:
 
         async def start() -> Any:
             nonlocal served, stream
-            require_api_key(front.keys, request.headers.get("authorization"))
+            scope = require_api_key(front.keys, request.headers.get("authorization"))
             data = await _json_body(request, front.limits)
             req = _parse(types[kind], data)
             _check_caps(front, req, data)
-            spec = await front.catalog.resolve(req.model)
+            spec = await front.catalog.resolve(req.model, scope)
             served = spec.name if spec else base
             stream = front.backend.generate(kind, req, spec)
             first = await _next_before(stream, deadline)
@@ -264,11 +265,13 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
-        require_admin_key(front.keys, request.headers.get("authorization"))
+        scope = require_admin_key(front.keys, request.headers.get("authorization"))
         data = await _json_body(request, front.limits)
         name, path = data.get("lora_name"), data.get("lora_path")
+        require_own_adapter(scope, name)
         if not isinstance(path, str) or not path:
             raise ServeError(400, "lora_path must be a non-empty string (a local folder or an s3:// URL)", "lora_path")
+        check_lora_path(path, front.lora_roots)
         spec = front.catalog.add_folder(name, path, replace=bool(data.get("load_inplace")))
         await front.backend.load(spec)  # validates (fingerprint, rank) and loads; raises on failure
         front.catalog.commit_folder(spec)
@@ -276,9 +279,10 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> Response:
-        require_admin_key(front.keys, request.headers.get("authorization"))
+        scope = require_admin_key(front.keys, request.headers.get("authorization"))
         data = await _json_body(request, front.limits)
         name = data.get("lora_name")
+        require_own_adapter(scope, name)
         if not isinstance(name, str) or not name:
             raise ServeError(400, "lora_name must be a non-empty string", "lora_name")
         folder = front.catalog.remove_folder(name)  # new requests stop resolving to it right away

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rayllm.registry.names import RegistryError
 from rayllm.serve.compat import AdapterIncompatible, check_adapter
 from rayllm.serve.errors import ServeError
 from rayllm.serve.folders import AdapterFolders
@@ -130,6 +131,15 @@ class AdapterManager:
             self._fail(entry, ServeError(400, f"adapter '{spec.name}' cannot be served on this base model: {e}", "model"))
         except ServeError as e:
             self._fail(entry, e)
+        except RegistryError as e:  # the version exists (the catalog found it) but its stored files fail their check
+            logger.error("adapter %s refused: %s", spec.name, e)
+            reason = str(e) if "/" not in str(e) else "its stored files could not be read"  # no storage paths to callers
+            self._fail(entry, ServeError(502, f"adapter '{spec.name}' failed its integrity check in the registry and is "
+                                              f"not served ({reason}); other adapters are unaffected", "model"))
+        except OSError as e:  # storage unreachable or failing: the caller may retry
+            logger.error("adapter %s: reading its files failed: %s", spec.name, e)
+            self._fail(entry, ServeError(503, f"adapter '{spec.name}' could not be read from storage; retry later",
+                                         "model", retry_after_s=1.0))
         except Exception as e:  # noqa: BLE001 - a broken adapter must not take the server down
             logger.exception("loading adapter %s failed", spec.name)
             self._fail(entry, ServeError(400, f"adapter '{spec.name}' failed to load: {e}", "model"))

@@ -67,11 +67,15 @@ def stack(tmp_path_factory, _shared_ray):
     registry.promote("a:prod", {1: 50, 2: 50})
     registry.promote("a:stable", 1)
     registry.promote("a:canary", 1)
+    registry.publish("corrupt", str(world.adapters["b"]))  # then its weights change on disk: refused with a 502
+    weights = next(p for p in (root / "registry" / "corrupt" / "v1").iterdir() if p.name.endswith(".safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     cfg = ServeConfig(
         model=str(world.base), served_model_name="base", dtype="float32", max_model_len=256, max_num_seqs=32,
         max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5,
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
         preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN, playground=True,
+        lora_roots=[str(tmp_path_factory.getbasetemp()), str(Path(world.adapters["a"]).parent)],
     )
     _shared_ray.ensure()
     with serve_app(cfg, str(root / "registry")) as url:
@@ -187,8 +191,19 @@ def test_bad_input_is_a_clear_4xx_and_others_keep_serving(stack):
     error(r, 400)
     bad = {"lora_name": "broken", "lora_path": str(stack.world.adapters["alien"])}
     assert "fingerprint" in error(stack.post("/v1/load_lora_adapter", bad, headers=ADMIN_AUTH), 400)
-    error(stack.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}, headers=ADMIN_AUTH), 404)
+    error(stack.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}, headers=ADMIN_AUTH), 403)
+    missing = str(Path(stack.world.adapters["a"]).parent / "nonexistent")  # inside serve.lora_roots, but no folder
+    error(stack.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": missing}, headers=ADMIN_AUTH), 404)
     error(stack.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}, headers=AUTH), 403)
+    assert "integrity" in error(stack.post("/v1/completions", {"model": "corrupt@v1", "prompt": "x"}), 502)
+    assert "integrity" in error(stack.post("/v1/completions", {"model": "corrupt", "prompt": "x"}), 502)
+    error(stack.post("/v1/completions", {"model": "b\n", "prompt": "x"}), 400)
+    assert "at most 16" in error(stack.post("/v1/completions", {"model": "base", "prompt": "x", "n": 1000}), 400)
+    nested = b'{"model": "base", "prompt": "x", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    error(requests.post(f"{stack.url}/v1/completions", data=nested, headers={**AUTH, "content-type": "application/json"}), 400)
+    models = requests.get(f"{stack.url}/v1/models", headers=AUTH, timeout=10).text
+    assert '"/' not in models and str(stack.world.base) not in models  # names only, no folders
+    assert requests.get(f"{stack.url}/health", timeout=10).json() == {"status": "healthy"}
     assert stack.greedy("b", PROMPTS[1]) == before and stack.greedy("base", PROMPTS[1])[0] == "base"
 
 

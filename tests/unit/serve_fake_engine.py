@@ -145,7 +145,8 @@ class FakeEngine:
 
 
 def make_frontend(tmp_path: Path, engine: FakeEngine | None = None, keys=None, folders: dict[str, str] | None = None,
-                  registry_root: str | None = None, slots: int = 4, seed: int = 0, limits=None, max_model_len: int | None = None):
+                  registry_root: str | None = None, slots: int = 4, seed: int = 0, limits=None, max_model_len: int | None = None,
+                  lora_roots: tuple[str, ...] | None = None):
     """The real HTTP layer, catalog, residency and metrics over a FakeEngine, in this process."""
     import random
 
@@ -164,7 +165,8 @@ def make_frontend(tmp_path: Path, engine: FakeEngine | None = None, keys=None, f
     catalog = AdapterCatalog("base", folders, registry_root, refresh_s=0.0, rng=random.Random(seed),
                              cache_size=limits.model_cache_size, names_ttl_s=limits.unknown_model_cache_s)
     return Frontend(catalog, LocalBackend(LLMServerCore(engine, adapters)), keys or Keys(), ServeMetrics(),
-                    limits=limits, max_model_len=max_model_len)
+                    limits=limits, max_model_len=max_model_len,
+                    lora_roots=(str(tmp_path),) if lora_roots is None else tuple(lora_roots))
 
 
 def sse_events(text: str) -> list:

@@ -36,6 +36,6 @@ def test_a_tampered_local_registry_version_is_refused_with_the_reason(tmp_path):
     front = make_frontend(tmp_path, registry_root=str(tmp_path / "registry"))
     with TestClient(build_app(front)) as client:
         r = client.post("/v1/completions", json={"model": "support@v1", "prompt": "x", "max_tokens": 2})
-        assert r.status_code == 400, r.text
+        assert r.status_code == 502, r.text  # the registry's fault, not the caller's
         assert "checksum mismatch in file 'weights.txt'" in r.json()["error"]["message"]
         assert client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2}).status_code == 200
