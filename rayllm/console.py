@@ -156,15 +156,19 @@ def session(log_path: str | Path, verbose: bool = False, title: str = "") -> Ite
     os.dup2(log.fileno(), 2)
     _current = Console(term, log=log, log_path=log_path)
     _current.say(f"Ray's, the workers' and the libraries' output goes to {log_path} (--verbose shows it here)")
-    failed = False
+    context = ""
     try:
         yield _current
     except BaseException as exc:
         from rayllm.config import ConfigError
 
-        # a config error or Ctrl-C says all there is to say on stderr; a crash needs its context
-        failed = not isinstance(exc, (ConfigError, KeyboardInterrupt))
-        sys.stderr.write(traceback.format_exc())  # the whole story stays in the log
+        # A config error or Ctrl-C says all there is to say on stderr; a crash needs what led to it
+        # (read before the traceback, which reaches the terminal anyway, is added to the log).
+        if not isinstance(exc, (ConfigError, KeyboardInterrupt)):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            context = tail_log(log_path)
+        sys.stderr.write(traceback.format_exc())
         raise
     finally:
         sys.stdout.flush()
@@ -174,8 +178,8 @@ def session(log_path: str | Path, verbose: bool = False, title: str = "") -> Ite
         os.close(saved_out)
         os.close(saved_err)
         _current = None
-        if failed:  # the traceback follows on stderr; what led to it is in the log
-            term.write(f"{PREFIX} stopped; the last lines of {log_path}:\n{tail_log(log_path)}\n")
+        if context:  # the traceback follows on stderr
+            term.write(f"{PREFIX} stopped; the last lines of {log_path}:\n{context}\n")
         term.close()
         log.close()
         from rayllm.ray_session import restore_env

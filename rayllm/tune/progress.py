@@ -18,6 +18,7 @@ class SweepView:
         self.started = time.time()
         self.steps: dict[str, int] = {}
         self.best: float | None = None
+        self.done: set[str] = set()  # Tune calls on_trial_complete before it marks the trial TERMINATED
 
     def trial_result(self, trial_id: str, result: dict) -> None:
         if "step" in result:
@@ -26,13 +27,14 @@ class SweepView:
             self.best = result["val_loss"] if self.best is None else min(self.best, result["val_loss"])
 
     def trial_done(self, trial_id: str, failed: bool) -> None:
+        self.done.add(trial_id)
         step = self.steps.get(trial_id, 0)
         how = "failed" if failed else ("finished" if step >= self.max_steps else "stopped early (ASHA)")
         self.bar.note(f"trial {trial_id} {how} at step {step}/{self.max_steps}")
 
     def show(self, trials) -> None:
-        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        running = [t for t in trials if t.status == "RUNNING"]
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t.trial_id in self.done]
+        running = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.done]
         parts = [f"trials {len(done)}/{self.expected} done"]
         parts += [f"{t.trial_id} step {self.steps.get(t.trial_id, 0)}/{self.max_steps}" for t in running]
         if self.best is not None:

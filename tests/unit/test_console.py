@@ -150,7 +150,8 @@ def test_quiet_session_failure_restores_the_terminal_and_shows_the_log_tail(tmp_
     proc, log = _run_session(tmp_path, "fail")
     assert proc.returncode == 1
     assert re.search(rf"\[rayllm\] stopped; the last lines of {re.escape(str(log))}:", proc.stdout)
-    assert "what led to it" in proc.stdout  # the tail of the log
+    assert "what led to it" in proc.stdout  # the tail of the log, before the traceback
+    assert "boom" not in proc.stdout
     assert "RuntimeError: boom" in proc.stderr  # the traceback reaches the terminal
     assert "RuntimeError: boom" in log.read_text()  # and the log
 
@@ -171,10 +172,9 @@ def test_sweep_line_counts_trials_and_the_callback_pickles_without_its_view():
             # Tune pickles its callbacks with the experiment state; the view (a lock, the terminal) must not go with it
             assert pickle.loads(pickle.dumps(callback)).__dict__ == {}
             callback.on_trial_result(0, [a, b], a, {"step": 12, "val_loss": 6.5})
+            callback.on_trial_complete(1, [a, b], a)  # Tune marks it TERMINATED after its callbacks
             a.status, b.status = "TERMINATED", "RUNNING"
-            callback.on_trial_complete(1, [a, b], a)
             callback.on_trial_result(2, [a, b], b, {"step": 6, "val_loss": 6.75})
-            b.status = "TERMINATED"
             callback.on_trial_complete(3, [a, b], b)
         finally:
             TrialProgress.view = None
