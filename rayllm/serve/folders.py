@@ -15,13 +15,19 @@ import hashlib
 import os
 import posixpath
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from rayllm.registry.names import RegistryError
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
 from rayllm.storage import is_uri, url_to_fs
+
+
+REFUSED_RETRY_S = 10.0  # a repaired version is served again this soon
+REFUSED_MAX = 1024
 
 
 def check_lora_path(path: str, roots: tuple[str, ...] | list[str]) -> str:
@@ -59,6 +65,8 @@ class AdapterFolders:
         self.registry_cache_dir = Path(registry_cache_dir) if registry_cache_dir else self.stage_dir / "registry"
         self._registries: dict[str, Any] = {}
         self._verified: dict[str, str] = {}  # "name@vN" -> local folder whose checksums matched
+        # "name@vN" -> (until, error): a version that failed its check is not hashed again on every request
+        self._refused: dict[str, tuple[float, RegistryError]] = {}
         self._lock = threading.Lock()
 
     def local(self, spec: AdapterSpec) -> str:
@@ -78,7 +86,16 @@ class AdapterFolders:
         known = self._verified.get(spec.name)
         if known is not None and os.path.isdir(known):
             return known
-        found = self._registry(spec.registry_root).localize(spec.name, str(self.registry_cache_dir))
+        refused = self._refused.get(spec.name)
+        if refused is not None and refused[0] > time.monotonic():
+            raise type(refused[1])(str(refused[1]))
+        try:
+            found = self._registry(spec.registry_root).localize(spec.name, str(self.registry_cache_dir))
+        except RegistryError as e:
+            if len(self._refused) >= REFUSED_MAX:
+                self._refused.clear()
+            self._refused[spec.name] = (time.monotonic() + REFUSED_RETRY_S, e)
+            raise
         self._verified[spec.name] = found.path
         return found.path
 

@@ -199,7 +199,10 @@ def build_app(front: Frontend) -> FastAPI:
             return HTMLResponse(page)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if front.keys.tenants and require_api_key(front.keys, request.headers.get("authorization")) is not None:
+            # the labels name every tenant's adapters: with tenants, only a global key reads them
+            raise ServeError(403, "metrics need a global key (serve.api_keys or serve.admin_key), not a tenant's")
         body, content_type = front.metrics.render()
         return Response(body, media_type=content_type)
 

@@ -61,3 +61,18 @@ def test_models_listing_survives_a_corrupt_manifest(world):
     r = world.get("/v1/models")
     assert r.status_code == 200, r.text
     assert {"support@v2", "other@v1"} <= {m["id"] for m in json.loads(r.text)["data"]}
+
+
+def test_a_refused_version_is_not_hashed_again_on_every_request(tmp_path, monkeypatch):
+    from rayllm.registry import fingerprint
+
+    reg = Registry(str(tmp_path / "registry"))
+    reg.publish("support", str(make_adapter_dir(tmp_path / "v1", "v1")))
+    (tmp_path / "registry" / "support" / "v1" / "weights.txt").write_text("tampered")
+    hashed = []
+    real = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda *a: hashed.append(a[1]) or real(*a))
+    with TestClient(build_app(make_frontend(tmp_path, registry_root=str(tmp_path / "registry")))) as c:
+        for _ in range(20):
+            assert post(c, "support@v1").status_code == 502
+    assert 0 < len(hashed) <= 3  # one check of the version's files, not one per request

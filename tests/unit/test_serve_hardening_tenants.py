@@ -101,3 +101,11 @@ def test_tenant_keys_are_secrets_and_count_as_keys(monkeypatch):
     with pytest.raises(Exception) as e:
         parse_config({"serve": {"model": "/m", "tenants": {"t": {"keys": "k-secret-value"}}}})
     assert "k-secret-value" not in str(e.value)
+
+
+def test_metrics_name_every_adapter_so_tenants_cannot_read_them(client):
+    call(client, "k-globex", "other@v1")
+    assert client.get("/metrics", headers=bearer("k-acme")).status_code == 403
+    assert client.get("/metrics").status_code == 401
+    r = client.get("/metrics", headers=bearer("k-all"))
+    assert r.status_code == 200 and 'adapter="other"' in r.text
