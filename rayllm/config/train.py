@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -30,9 +31,71 @@ class DpoConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    kind: Literal["exact_match", "regex", "length_penalty", "function"] = Field(..., description="exact_match: 1 when the completion equals the row's reference answer after normalisation (case, spaces, a trailing period), else 0; regex: 1 when `pattern` matches (re.search), else 0; length_penalty: -(tokens over target_tokens) / max_new_tokens; function: `function`(prompt, completion, row) -> float.")
+    weight: float = Field(1.0, description="The reward's factor in the total a completion is scored with.")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the metrics (reward/<name>, reward_errors/<name>); empty: the kind, or the function's name.")
+    pattern: str | None = Field(None, description="regex only: the pattern searched for in the completion.")
+    function: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="function only: import path `package.module:function`, called with (prompt, completion, row); row holds the prompt's `prompt`, `answer` and the completion's `completion_tokens`.")
+    target_tokens: int = Field(0, ge=0, description="length_penalty only: completions up to this many tokens are not penalised.")
+
+    @model_validator(mode="after")
+    def _fields(self) -> "RewardConfig":
+        problems = []
+        if (self.kind == "regex") != (self.pattern is not None):
+            problems.append("pattern is for kind regex, and kind regex needs a pattern")
+        if (self.kind == "function") != (self.function is not None):
+            problems.append("function (module:function) is for kind function, and kind function needs one")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                problems.append(f"pattern {self.pattern!r} is not a regular expression ({exc})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rsplit(":", 1)[1] if self.function else self.kind
+
+
+class RolloutConfig(Section):
+    num_actors: int = Field(1, ge=1, description="Ray actors holding one vLLM engine each; an iteration's prompts are split between them.")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves (on 2 cores: 1, beside 2 workers × 0.5).")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0 on CPU).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vLLM's dtype; auto: bf16 where the hardware runs it fast, else fp32.")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM's KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE, a whole number).")
+    max_model_len: int = Field(512, ge=16, description="Longest prompt + completion the engine takes.")
+    enforce_eager: bool = Field(True, description="No torch.compile/CUDA graphs: the engine starts in seconds, not minutes.")
+
+
+class GrpoConfig(Section):
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt; advantages are normalised within each group (GRPOConfig: num_generations).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest completion (GRPOConfig: max_completion_length).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (GRPOConfig: temperature).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (GRPOConfig: top_p).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the probability ratio (GRPOConfig: epsilon).")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (the base, adapter disabled), k3 estimator; 0 skips the reference forward (GRPOConfig: beta).")
+    updates_per_batch: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts, μ (GRPOConfig: num_iterations).")
+    rewards: list[RewardConfig] = Field(default_factory=list, description="Reward functions (at least one for objective grpo); a completion's reward is their weighted sum.")
+    eval_prompts: int = Field(16, ge=0, description="Held-out val prompts answered greedily at every eval_every and at the end (val_reward); 0: none.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="The vLLM rollout actors.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "GrpoConfig":
+        labels = [r.label for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"reward names must differ (got {labels}); give each a name")
+        return self
+
+
 class TrainConfig(Section):
-    objective: Literal["lm", "dpo"] = Field("lm", description="lm: next-token cross-entropy on pretrain or sft data (seq2seq for an encoder-decoder model); dpo: direct preference optimisation on a preference dataset (data.mode: preference).")
+    objective: Literal["lm", "dpo", "grpo"] = Field("lm", description="lm: next-token cross-entropy on pretrain or sft data (seq2seq for an encoder-decoder model); dpo: direct preference optimisation on a preference dataset (data.mode: preference); grpo: online RL, prompts (and reference answers) from an sft dataset, completions from vLLM rollout actors, rewards from code (LoRA only).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings, used when objective is dpo.")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO settings, used when objective is grpo; one iteration is one step (train.max_steps iterations).")
     dataset: str = Field(..., description="Prepared dataset folder (the output_dir of `rayllm prepare`, holding manifest.json).")
     output_dir: str = Field("runs/train", description="Run directory root, a shared disk or an object-store URI (s3://bucket/runs); the run lives in output_dir/run_name. Rerunning the same command resumes.")
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run (a folder name).")
@@ -97,6 +160,24 @@ class TrainConfig(Section):
             problems.append(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
         if self.stop_at_step is not None and self.stop_at_step > self.max_steps:
             problems.append(f"stop_at_step ({self.stop_at_step}) exceeds max_steps ({self.max_steps}); drop it or lower it")
+        problems += self._grpo_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _grpo_problems(self) -> list[str]:
+        if self.objective != "grpo":
+            # Compared with the defaults, not by presence: a dumped config (run folder, sweep trial) holds the section.
+            return [f"grpo: settings are for objective grpo (objective is {self.objective}); drop them or set objective: grpo"] \
+                if self.grpo != GrpoConfig() else []
+        problems, batch = [], self.micro_batch_size * self.gradient_accumulation_steps * self.num_workers
+        if not self.grpo.rewards:
+            problems.append("objective grpo needs grpo.rewards, e.g. [{kind: exact_match}] (the row's reference answer)")
+        if batch % self.grpo.group_size:
+            problems.append(f"objective grpo: micro_batch_size × gradient_accumulation_steps × num_workers = {batch} completions "
+                            f"per iteration is not a multiple of grpo.group_size ({self.grpo.group_size}); change one of them")
+        if self.grpo.updates_per_batch > 1 and self.lr_scheduler_type in ("cosine", "linear"):
+            problems.append(f"grpo.updates_per_batch {self.grpo.updates_per_batch} steps the optimizer that many times per iteration, so a "
+                            f"{self.lr_scheduler_type} schedule over max_steps would end early; use lr_scheduler_type: constant or "
+                            "constant_with_warmup, or updates_per_batch: 1")
+        return problems

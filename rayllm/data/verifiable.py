@@ -6,7 +6,12 @@ the format, the format around a wrong number, or a sentence. `follows_rule` is t
 checks an answer, so a model's answers on held-out prompts can be counted (greedy, before and after
 DPO). Deterministic for a seed; prompts are drawn without repeats, so train and val pairs differ.
 
+The same task for online RL (GRPO): `problems` writes each prompt with its reference answer as an
+sft conversation (system, question, answer '= N'), so `rayllm prepare` with data.mode sft turns it
+into prompts and answers, and the exact_match reward (or `follows_rule`) scores completions.
+
     python -m rayllm.data.verifiable OUT.jsonl --pairs 2000 --seed 0
+    python -m rayllm.data.verifiable OUT.jsonl --pairs 2000 --seed 0 --problems
 """
 
 from __future__ import annotations
@@ -61,6 +66,18 @@ def pairs(n: int, seed: int = 0, high: int = 30) -> list[dict]:
     return out
 
 
+def problems(n: int, seed: int = 0, high: int = 30) -> list[dict]:
+    """n sft records {messages: [system, user question, assistant reference answer]} with distinct operands."""
+    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt_of(a, b)},
+                          {"role": "assistant", "content": f"= {a + b}"}]} for a, b in operands(n, seed, high)]
+
+
+def rule_reward(prompt: str, completion: str, row: dict) -> float:
+    """GRPO reward (`rayllm.data.verifiable:rule_reward`): 1 when the completion follows the rule for the
+    sum the prompt asks, else 0; reads the question from the prompt, as a user's reward would."""
+    return float(follows_rule(prompt, completion))
+
+
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--high", type=int, default=50, help="operands are below this")
+    p.add_argument("--problems", action="store_true", help="prompts with reference answers (sft conversations, for GRPO) instead of pairs")
     args = p.parse_args(argv)
-    print(write_jsonl(pairs(args.pairs, args.seed, args.high), args.out))
+    make = problems if args.problems else pairs
+    print(write_jsonl(make(args.pairs, args.seed, args.high), args.out))
 
 
 if __name__ == "__main__":

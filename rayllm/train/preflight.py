@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rayllm.config import ConfigError
 from rayllm.dtypes import cpu_capability
-from rayllm.train import dpo
+from rayllm.train import dpo, grpo
 from rayllm.train import plan as P
 from rayllm.train.batching import Batching, batching, check_batching, eval_micro_batches
 from rayllm.train.data import read_manifest
@@ -176,6 +176,7 @@ def preflight(cfg, address: str | None = None) -> Preflight:
     if hf_config is not None:
         _arch_problems(cfg, hf_config, manifest, problems)
     problems += dpo.preflight_problems(cfg, manifest, hf_config)
+    problems += grpo.preflight_problems(cfg, manifest)
     b = batching(t, seq_len)
     problems += check_batching(b, splits["train"]["sequences"], splits["val"]["sequences"])
     if problems:

@@ -26,7 +26,12 @@ def train_func(config: dict) -> None:
     """Ray Train's train_loop_per_worker; `config["spec"]` is the RunSpec built on the driver (spec.py)."""
     spec: RunSpec = config["spec"]
     run, state = setup(spec)
-    state, last_eval = run_steps(run, state)
+    if spec.train.objective == "grpo":  # online RL: rollouts and updates instead of a fixed data stream
+        from rayllm.train.grpo import run_iterations
+
+        state, last_eval = run_iterations(run, state)
+    else:
+        state, last_eval = run_steps(run, state)
     finish(run, state, last_eval)
 
 
@@ -99,6 +104,10 @@ def setup(spec: RunSpec) -> tuple[Run, ckpt.TrainState]:
 
         objective, train, val, keep_alive = dpo.setup(spec, engine, train, val, tokenizer, dtype, device, rank, world,
                                                       spec.eval_micro_batches)
+    elif t.objective == "grpo":
+        from rayllm.train import grpo
+
+        objective, train, val = grpo.setup(spec, train, val, tokenizer, rank)
     store = RunStore.on_worker(spec.run_dir, spec.run_uri)
     state, resumed = resume(engine, store, rank, strict=m.lora is None)
     loss_fn = objective or micro_loss

@@ -1,0 +1,173 @@
+"""GRPO's prompts and rollouts: prompts with reference answers from a prepared sft dataset, and Ray
+actors that each hold one vLLM engine and sample completions with the current LoRA policy.
+
+Prompts come from `rayllm prepare` with data.mode sft (one conversation per document): a document's
+tokens before its first trained (assistant) token are the prompt, rendered exactly as SFT renders it,
+generation prompt included; the trained tokens, decoded, are the reference answer the built-in
+exact_match reward compares with. So preflight, tokenizer checks and both ingest modes are the ones
+every objective has, and a task's SFT data is its GRPO data.
+
+An engine is started once and never restarted: each iteration the trainer saves the policy's adapter
+to a new folder and the actor adds it under a new LoRA id (and drops the previous one), which takes
+milliseconds where an engine start takes tens of seconds. The engine runs in the actor's own process
+(no engine-core subprocess), and between generate calls it is idle: on a small machine the rollout
+actor and the training workers take turns on the cores instead of fighting for them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rayllm.train.data import IGNORE
+
+if TYPE_CHECKING:
+    from rayllm.config.train import RolloutConfig
+    from rayllm.train.data import PackedSplit
+
+
+@dataclass
+class PromptSet:
+    """Prompts (token ids), their text and reference answers; the unit of GRPO's data order."""
+
+    prompt_ids: list[list[int]]
+    texts: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def row(self, i: int) -> dict:
+        return {"prompt": self.texts[i], "answer": self.answers[i]}
+
+
+def prompts_of(split: PackedSplit, tokenizer) -> PromptSet:
+    """Every whole conversation of a packed sft split as (prompt ids, reference answer). A document cut
+    by a row boundary is skipped: one at a row's start counts only if it begins with the tokens every
+    document starting inside a row begins with (a chat template's opening, up to 8 tokens; a
+    continuation starts elsewhere, e.g. at the assistant turn), and one running to a row's end may
+    be cut there."""
+    segments = []
+    for ids, labels, docs in zip(split.input_ids, split.labels, split.doc_ids):
+        for d in np.unique(docs[docs >= 0]):
+            where = np.flatnonzero(docs == d)
+            segments.append((where[0], where[-1] == len(ids) - 1, ids[where], labels[where]))
+    opening = common_prefix([ids[:8].tolist() for start, _, ids, _ in segments if start > 0])
+    out = PromptSet([], [], [])
+    for start, at_end, ids, labels in segments:
+        trained = np.flatnonzero(labels != IGNORE)
+        if at_end or not len(trained) or trained[0] == 0 or (start == 0 and ids[:len(opening)].tolist() != opening):
+            continue
+        answer_end = trained[0] + np.argmax(np.append(labels[trained[0]:] == IGNORE, True))
+        prompt = [int(t) for t in ids[:trained[0]]]
+        out.prompt_ids.append(prompt)
+        out.texts.append(tokenizer.decode(prompt, skip_special_tokens=True).strip())
+        out.answers.append(tokenizer.decode(ids[trained[0]:answer_end].tolist(), skip_special_tokens=True).strip())
+    return out
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    prefix = seqs[0] if seqs else []
+    for s in seqs[1:]:
+        n = next((k for k, (a, b) in enumerate(zip(prefix, s)) if a != b), min(len(prefix), len(s)))
+        prefix = prefix[:n]
+    return prefix
+
+
+class RolloutEngine:
+    """A Ray actor: one vLLM engine for the base model, LoRA enabled; samples `n` completions per prompt
+    with the adapter it is handed. Each call reports the engine's id (fixed for its life) and the LoRA
+    ids the engine holds, so a caller can tell an adapter swap from an engine restart."""
+
+    def __init__(self, base_dir: str, rollout: dict, max_lora_rank: int, seed: int):
+        import torch
+
+        from rayllm.dtypes import resolve_dtype
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout["kv_cache_gib"])
+        # The engine core and its worker in this actor: no two more processes, each importing vLLM again.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        dtype = rollout["dtype"] if on_gpu else resolve_dtype(rollout["dtype"], use_gpu=False, key="train.grpo.rollout.dtype")
+        self.llm = LLM(model=base_dir, dtype=dtype, max_model_len=rollout["max_model_len"], enforce_eager=rollout["enforce_eager"],
+                       seed=seed, disable_log_stats=True, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+                       distributed_executor_backend="uni")
+        self.engine_id = uuid.uuid4().hex[:12]
+        self.current: int | None = None
+
+    def _swap(self, name: str, lora_id: int, path: str):
+        """Make `path` the engine's only adapter, under `lora_id`."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, lora_id, path)
+        if self.current != lora_id:
+            if self.current is not None:
+                self.llm.llm_engine.remove_lora(self.current)
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM refused adapter {path} as LoRA id {lora_id}")
+            self.current = lora_id
+        return request
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], adapter: dict, sampling: dict, n: int) -> dict:
+        """n completions per prompt with the adapter {"name", "id", "path", "version"}: token ids, text and
+        vLLM's log-prob of each sampled token."""
+        from vllm import SamplingParams
+
+        lora = self._swap(adapter["name"], adapter["id"], adapter["path"])
+        params = [SamplingParams(n=n, seed=s, logprobs=0, **sampling) for s in seeds]
+        start = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, lora_request=lora, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        groups = [[{"ids": list(c.token_ids), "text": c.text,
+                    "vllm_logps": [next(iter(lp.values())).logprob if lp else 0.0 for lp in (c.logprobs or [])]}
+                   for c in o.outputs] for o in outs]
+        return {"groups": groups, "seconds": seconds, "engine": self.engine_id, "lora_id": adapter["id"],
+                "version": adapter["version"], "loaded": sorted(self.llm.llm_engine.list_loras())}
+
+
+class RolloutPool:
+    """The rollout actors of a run, created by rank 0 with resources from `train.grpo.rollout`. They
+    are placed outside the training workers' placement group (whose bundles hold the workers' own
+    CPUs) and die with the worker that owns them, so a restarted run starts fresh engines."""
+
+    def __init__(self, base_dir: str, cfg: RolloutConfig, max_lora_rank: int, seed: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor = ray.remote(RolloutEngine).options(
+            num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        self.actors = [actor.remote(base_dir, cfg.model_dump(), max_lora_rank, seed + k) for k in range(cfg.num_actors)]
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], adapter: dict, sampling: dict, n: int) -> dict:
+        """Prompts split into contiguous parts, one per actor, answered in parallel; groups in prompt order."""
+        import ray
+
+        parts = np.array_split(np.arange(len(prompt_ids)), len(self.actors))
+        refs = [a.generate.remote([prompt_ids[i] for i in p], [seeds[i] for i in p], adapter, sampling, n)
+                for a, p in zip(self.actors, parts) if len(p)]
+        outs = ray.get(refs)
+        return {"groups": [g for o in outs for g in o["groups"]], "seconds": max(o["seconds"] for o in outs),
+                "engines": [o["engine"] for o in outs], "lora_ids": [o["lora_id"] for o in outs],
+                "versions": [o["version"] for o in outs], "loaded": [o["loaded"] for o in outs]}
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def sampling_params(grpo, stop_ids: list[int], greedy: bool = False) -> dict[str, Any]:
+    """vLLM SamplingParams arguments of the rollouts (greedy for held-out evaluation)."""
+    return {"temperature": 0.0 if greedy else grpo.temperature, "top_p": 1.0 if greedy else grpo.top_p,
+            "max_tokens": grpo.max_new_tokens, "stop_token_ids": stop_ids, "skip_special_tokens": True}
