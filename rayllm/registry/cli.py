@@ -111,7 +111,10 @@ def _print_show(info: dict[str, Any]) -> None:
 
 
 def _note(note: dict[str, Any]) -> str:
-    """How a promotion was decided, in one line."""
+    """How a promotion or rollback was decided, in one line."""
+    if isinstance(note.get("rolled_back"), dict):
+        left = ", ".join(f"v{t['version']}={t['weight']:g}" for t in note["rolled_back"].get("targets") or [])
+        return f"rolled back from {left} ({note.get('by', '?')})"
     if note.get("gate") == "skipped":
         return f"gate skipped ({note.get('by', '?')})"
     figures = ", ".join(f"v{v['ref'].rsplit('@v', 1)[-1]} served ppl {v['served_ppl']:.4f} vs trainer {v['trainer_ppl']:.4f}"
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace, registry_config: "RegistryConfig | None" = Non
             _promote(registry, args, registry_config)
         elif verb == "rollback":
             before = registry.get_alias(args.alias_ref)
-            alias = registry.rollback(args.alias_ref)
+            alias = registry.rollback(args.alias_ref, by="registry rollback")
             print(f"{alias.ref} -> {alias.describe()} (was {before.describe() if before else '-'})")
         elif verb == "delete":
             registry.delete(args.ref)

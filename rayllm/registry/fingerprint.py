@@ -119,6 +119,11 @@ def read_json(fs: AbstractFileSystem, path: str, where: str | None = None) -> di
         blob = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except OSError:
+        # pyarrow's S3 client reads with a HEAD then a GET; a delete between them is a plain OSError
+        if not fs.exists(path):
+            return None
+        raise
     try:
         data = json.loads(blob.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:

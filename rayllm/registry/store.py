@@ -18,12 +18,14 @@ import json
 import os
 import random
 import re
+import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from fsspec.implementations.local import LocalFileSystem
 
+from rayllm.registry.cas import AliasFiles, WriteConflict
 from rayllm.registry.fingerprint import (MANIFEST, adapter_facts, check_file, check_manifest, copy_to_local,
                                          copy_tree_hashed, inside, local_copy_matches, read_json, write_json_atomic)
 from rayllm.registry.names import AdapterRef, IntegrityError, RegistryError, is_valid_name, validate_name
@@ -36,6 +38,7 @@ RefLike = str | AdapterRef  # every method taking a ref takes the text a user ty
 _FACTS = {"schema_version", "name", "version", "created_at", "files", "base_fingerprint", "base_model", "rank",
           "target_modules", "config_hash", "metrics", "source_run"}
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)(\.claim)?$")
+_ALIAS_ATTEMPTS = 50  # conditional alias writes retried this often under contention before giving up
 
 
 def _now() -> str:
@@ -44,6 +47,13 @@ def _now() -> str:
 
 def _base(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _entry(alias_file: dict[str, Any]) -> dict[str, Any]:
+    """An alias file's current targets as a history entry, with the note that explained them."""
+    note = alias_file.get("note")
+    return {"targets": alias_file.get("targets"), "updated_at": alias_file.get("updated_at", ""),
+            **({"note": note} if isinstance(note, dict) else {})}
 
 
 class Registry:
@@ -55,6 +65,7 @@ class Registry:
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:
             os.makedirs(self.root, exist_ok=True)
+        self._alias_files = AliasFiles(self.fs, self.root, self._local)
 
     # -- paths and atomic writes ------------------------------------------------------------
     def url(self, path: str) -> str:
@@ -233,7 +244,7 @@ class Registry:
         name, alias = r.name, r.alias
         self._fresh()
         path = self._alias_path(name, alias)
-        data = read_json(self.fs, path, self.url(path))
+        data = self._alias_files.read(path, self.url(path))[0]  # on S3 one GET: never half of a concurrent replace
         return None if data is None else Alias.from_json(data, self.url(path))
 
     def _alias_or_raise(self, name: str, alias: str) -> Alias:
@@ -258,39 +269,99 @@ class Registry:
         with the targets it explains, and moves into the history with them on the next promote.
         """
         r = AdapterRef.parse_alias(alias_ref)
-        name, alias_name = r.name, r.alias
         new = parse_targets(targets)
-        self._fresh()
-        for t in new:  # an alias may only ever name complete versions
-            self._committed_manifest(name, t.version)
-        old = self.get_alias(alias_ref)
-        history = [] if old is None else [*old.history, {"targets": old.to_json()["targets"], "updated_at": old.updated_at,
-                                                        **({"note": n} if (n := self._note(name, alias_name)) else {})}]
-        alias = Alias(name, alias_name, new, _now(), history)
-        write_json_atomic(self.fs, self._alias_path(name, alias_name), {**alias.to_json(), **({"note": note} if note else {})},
-                          self._local)
-        return alias
+
+        def change(old: dict[str, Any] | None, where: str) -> dict[str, Any]:
+            for t in new:  # an alias may only ever name complete versions
+                self._check_target(r.name, t.version)
+            history = [] if old is None else [*Alias.from_json(old, where).history, _entry(old)]
+            return {**Alias(r.name, r.alias, new, _now(), history).to_json(), **({"note": note} if note else {})}
+
+        return self._write_alias(r, change)
 
     def _note(self, name: str, alias: str) -> dict[str, Any] | None:
         """The note kept with an alias's current targets (Alias itself holds targets and history only)."""
         path = self._alias_path(name, alias)
-        note = (read_json(self.fs, path, self.url(path)) or {}).get("note")
+        note = (self._alias_files.read(path, self.url(path))[0] or {}).get("note")
         return note if isinstance(note, dict) else None
 
-    def rollback(self, alias_ref: RefLike) -> Alias:
-        """Return `name:alias` to the targets it had before its last promote."""
+    def rollback(self, alias_ref: RefLike, by: str = "rollback") -> Alias:
+        """Return `name:alias` to the targets it had before its last promote.
+
+        The targets left are not dropped: the new note records them (with their own note) and who
+        rolled back, beside the restored targets' original note; the history itself steps back one
+        entry, so rolling back again goes further back.
+        """
         r = AdapterRef.parse_alias(alias_ref)
-        name, alias_name = r.name, r.alias
-        current = self._alias_or_raise(name, alias_name)
-        if not current.history:
-            raise RegistryError(f"alias {r} has no earlier target to roll back to")
-        path = self._alias_path(name, alias_name)
-        previous = targets_from_history(current.history[-1], self.url(path))
-        for t in previous:  # the earlier version may have been deleted since; say so instead of pointing at nothing
-            self._committed_manifest(name, t.version)
-        alias = Alias(name, alias_name, previous, _now(), current.history[:-1])
-        write_json_atomic(self.fs, path, alias.to_json(), self._local)
-        return alias
+
+        def change(current: dict[str, Any] | None, where: str) -> dict[str, Any]:
+            if current is None:
+                known = ", ".join(a.alias for a in self.aliases(r.name)) or "none"
+                raise RegistryError(f"alias {r} does not exist (aliases of {r.name}: {known})")
+            alias = Alias.from_json(current, where)
+            if not alias.history:
+                raise RegistryError(f"alias {r} has no earlier target to roll back to")
+            entry = alias.history[-1]
+            previous = targets_from_history(entry, where)
+            for t in previous:  # the earlier version may have been deleted since; say so instead of pointing at nothing
+                self._check_target(r.name, t.version)
+            note = {"by": by, "rolled_back": _entry(current),
+                    **({"restored_note": entry["note"]} if isinstance(entry.get("note"), dict) else {})}
+            return {**Alias(r.name, r.alias, previous, _now(), alias.history[:-1]).to_json(), "note": note}
+
+        return self._write_alias(r, change)
+
+    # -- alias writes: no update lost, never an alias on a deleted version ---------------------
+    def _being_deleted(self, name: str, version: int) -> bool:
+        """A delete of `name@vN` has marked it (`vN.deleting.<id>`, one mark per delete in progress)."""
+        return bool(self.fs.glob(f"{self.root}/{name}/v{version}.deleting.*"))
+
+    def _check_target(self, name: str, version: int) -> None:
+        """Raise unless `name@vN` is committed, sound and not being deleted."""
+        self._committed_manifest(name, version)
+        if self._being_deleted(name, version):
+            raise RegistryError(f"{AdapterRef.of_version(name, version)} is being deleted; an alias cannot move to it")
+
+    def _write_alias(self, r: AdapterRef, change: Callable[[dict[str, Any] | None, str], dict[str, Any] | None]) -> Alias | None:
+        """Replace the alias file with `change(its content now)` (None removes it) without losing a concurrent
+        writer's update: under the root's lock on local disk, as a conditional write on S3 (re-read and
+        re-applied when another writer won; cas.py). Then every target is checked again: a delete that
+        raced the write (on S3 it marks the version, then looks at the aliases) wins, and the alias is put back."""
+        path = self._alias_path(r.name, r.alias)
+        where = self.url(path)
+        for attempt in range(_ALIAS_ATTEMPTS):
+            with self._alias_files.lock():
+                self._fresh()
+                old, token = self._alias_files.read(path, where)
+                new = change(old, where)
+                try:
+                    if new is None:
+                        self._alias_files.remove(path, token)
+                        return None
+                    written = self._alias_files.write(path, new, token, existed=old is not None)
+                except WriteConflict:
+                    pass
+                else:
+                    alias = Alias.from_json(new, where)
+                    self._recheck(alias, path, old, written)
+                    return alias
+            time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))  # jittered: contenders spread out
+        raise RegistryError(f"alias {r} changed {_ALIAS_ATTEMPTS} times while this write was tried; try again")
+
+    def _recheck(self, alias: Alias, path: str, old: dict[str, Any] | None, token: str | None) -> None:
+        gone = [t.version for t in alias.targets
+                if not self.fs.exists(f"{self._vdir(alias.name, t.version)}/{MANIFEST}") or self._being_deleted(alias.name, t.version)]
+        if not gone:
+            return
+        try:
+            if old is None:
+                self._alias_files.remove(path, token)
+            else:
+                self._alias_files.write(path, old, token, existed=True)
+        except WriteConflict:
+            pass  # another writer moved the alias since: its own check covers what it wrote
+        raise RegistryError(f"{AdapterRef.of_version(alias.name, gone[0])} was deleted while alias {alias.ref} moved to it; "
+                            "the alias was put back")
 
     # -- listing and deletion -----------------------------------------------------------------
     def list(self, name: str | None = None) -> list[tuple[ResolvedAdapter, list[Alias]]]:
@@ -328,16 +399,35 @@ class Registry:
         """Delete one version (`name@vN`, refused while an alias points at it) or one alias (`name:alias`)."""
         r = AdapterRef.parse(ref)
         if r.alias is not None:
-            path = self._alias_path(r.name, r.alias)
-            self._alias_or_raise(r.name, r.alias)
-            self.fs.rm(path)
+            def change(current: dict[str, Any] | None, where: str) -> None:
+                if current is None:
+                    known = ", ".join(a.alias for a in self.aliases(r.name)) or "none"
+                    raise RegistryError(f"alias {r} does not exist (aliases of {r.name}: {known})")
+
+            self._write_alias(r, change)
             return
         if r.version is None:
             raise RegistryError(f"delete needs one version or alias: {r.name}@vN or {r.name}:alias, not {str(r)!r}")
-        self._committed_manifest(r.name, r.version, check=False)
-        for a in self.aliases(r.name):
-            if any(t.version == r.version for t in a.targets):
-                raise RegistryError(f"{r} is the target of alias {a.ref} ({a.describe()}); move the alias first")
-        vdir = self._vdir(r.name, r.version)
-        self.fs.rm(f"{vdir}/{MANIFEST}")  # invisible first, then the files go
-        self.fs.rm(vdir, recursive=True)
+        with self._alias_files.lock():  # local disk: no promote runs meanwhile
+            self._committed_manifest(r.name, r.version, check=False)
+            # Marked before the aliases are read; a promote checks its targets after writing. Whichever
+            # writes second sees the other's write, so an alias never ends on a deleted version (S3 has no lock).
+            # Each delete has its own mark, so one that gives up never unmarks another still going on.
+            mark = f"{self.root}/{r.name}/v{r.version}.deleting.{uuid.uuid4().hex}"
+            self.fs.pipe_file(mark, json.dumps({"deleting_since": _now()}).encode())
+            try:
+                self._fresh()
+                for a in self.aliases(r.name):
+                    if any(t.version == r.version for t in a.targets):
+                        raise RegistryError(f"{r} is the target of alias {a.ref} ({a.describe()}); move the alias first")
+                vdir = self._vdir(r.name, r.version)
+                try:
+                    self.fs.rm(f"{vdir}/{MANIFEST}")  # invisible first, then the files go
+                except FileNotFoundError:
+                    raise RegistryError(f"{r} does not exist (another delete removed it meanwhile)") from None
+                try:
+                    self.fs.rm(vdir, recursive=True)
+                except FileNotFoundError:
+                    pass  # a concurrent delete of the same version is removing the files too
+            finally:
+                self.fs.rm(mark)

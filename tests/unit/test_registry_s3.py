@@ -3,6 +3,7 @@ and through pyarrow's S3 client where it is not."""
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import socket
@@ -124,3 +125,65 @@ def test_unsafe_manifest_file_names_are_refused_on_s3(tmp_path: Path, s3_options
                 call()
             assert "s@v1" in str(err.value) and repr(rel) in str(err.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def atomic_moto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto checks If-Match / If-None-Match and then stores in two steps, so two conditional PUTs can both
+    pass its check; S3 does both at once. The server runs in this process: serialise its handlers."""
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    for method in ("put_object", "delete_object"):
+        original = getattr(S3Response, method)
+
+        def atomic(self: Any, _original: Any = original) -> Any:
+            with lock:
+                return _original(self)
+
+        monkeypatch.setattr(S3Response, method, atomic)
+
+
+def test_processes_promote_rollback_and_delete_at_once_on_s3(tmp_path: Path, s3_options: dict[str, Any],
+                                                          atomic_moto: None) -> None:
+    from tests.unit.test_registry_alias_concurrency import VERSIONS, check_outcome, make_adapter as make, run_writers
+
+    root = "s3://registry-bucket/races"
+    reg = Registry(root, **s3_options)
+    for v in range(1, VERSIONS + 1):
+        reg.publish("s", str(make(tmp_path / f"ad{v}", seed=v)))
+    reg.promote("s:prod", 1, note={"by": "setup"})
+    results = run_writers(root, s3_options, promoters=3, deleters=1, ops=6)
+    check_outcome(reg, results, min_promotes=4)
+    print(f"outcomes: {collections.Counter((r[0], r[3]) for r in results)}")
+
+
+def test_alias_write_is_conditional_on_s3_and_a_lost_race_is_retried(s3_options: dict[str, Any], tmp_path: Path) -> None:
+    """Another writer moves the alias between this promote's read and its write: the If-Match PUT is
+    refused (412), the promote reads again and writes on top, so both promotes stay in the history."""
+    reg, other = Registry("s3://registry-bucket/cas", **s3_options), Registry("s3://registry-bucket/cas", **s3_options)
+    for v in (1, 2, 3):
+        reg.publish("s", str(make_adapter(tmp_path / f"ad{v}", seed=v)))
+    reg.promote("s:prod", 1, note={"by": "first"})
+    files, sent, reads = reg._alias_files, [], []
+    read, put = files.read, files._s3.put_object
+
+    def read_then_race(path: str, where: str) -> Any:
+        found = read(path, where)
+        reads.append(found[1])
+        if len(reads) == 1:  # after our first read, before our write
+            other.promote("s:prod", 2, note={"by": "other"})
+        return found
+
+    def recording_put(**kw: Any) -> Any:
+        sent.append({k: kw[k] for k in ("IfMatch", "IfNoneMatch") if k in kw})
+        return put(**kw)
+
+    files.read, files._s3.put_object = read_then_race, recording_put
+    reg.promote("s:prod", 3, note={"by": "mine"})
+    assert sent[0] == {"IfMatch": reads[0]} and sent[1] == {"IfMatch": reads[1]} and reads[0] != reads[1]
+    info = reg.show("s:prod")
+    assert info["targets"][0]["version"] == 3 and info["note"]["by"] == "mine"
+    assert [e["note"]["by"] for e in info["history"]] == ["first", "other"]
+    reg.promote("s:new", 1)  # a first write creates the file only if it is still absent
+    assert sent[-1] == {"IfNoneMatch": "*"}
