@@ -24,6 +24,8 @@ from typing import Callable, Iterator, TextIO
 
 PREFIX = "[rayllm]"
 PLAIN_EVERY_S = 10.0
+# Read by Ray Data in this process and, through a local Ray's raylet, in every worker.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 class Progress:
@@ -135,8 +137,8 @@ def session(log_path: str | Path, verbose: bool = False, title: str = "") -> Ite
     (appended to); the console keeps the terminal. Verbose: nothing is redirected."""
     global _current
     log_path = Path(log_path).resolve()
-    if verbose:
-        _current = Console(sys.stdout, log_path=None)
+    if verbose:  # plain lines: a line redrawn in place would be torn by everyone else writing here
+        _current = Console(sys.stdout, tty=False)
         try:
             yield _current
         finally:
@@ -150,7 +152,6 @@ def session(log_path: str | Path, verbose: bool = False, title: str = "") -> Ite
     log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} rayllm {title}\n")
     term = open(term_fd, "w", buffering=1, encoding="utf-8", errors="replace")
     saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
-    # Read by Ray Data in this process and, through the local Ray's raylet, in every worker.
     os.environ.update(QUIET_ENV)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
@@ -185,9 +186,6 @@ def session(log_path: str | Path, verbose: bool = False, title: str = "") -> Ite
         from rayllm.ray_session import restore_env
 
         restore_env(saved_env)
-
-
-QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def tail_log(log_path: Path, lines: int = 20) -> str:

@@ -184,3 +184,13 @@ def test_sweep_line_counts_trials_and_the_callback_pickles_without_its_view():
     assert "[rayllm] sweep lr: trial t1 stopped early (ASHA) at step 6/24" in lines
     assert lines[-1] == "[rayllm] sweep lr  trials 2/2 done  best val 6.5000"
     callback.on_trial_complete(4, [a, b], b)  # no sweep running: nothing to show, no error
+
+
+def test_verbose_session_redirects_nothing_and_writes_no_log(tmp_path, capsys):
+    with console.session(tmp_path / "rayllm.log", verbose=True) as con:
+        print("a library's print")
+        con.say("step line")
+        with con.progress("train x") as bar:
+            bar.update("step 1/1")
+    assert capsys.readouterr().out.splitlines() == ["a library's print", "[rayllm] step line", "[rayllm] train x  step 1/1"]
+    assert not (tmp_path / "rayllm.log").exists() and console.get().log_path is None
