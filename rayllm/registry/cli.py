@@ -117,8 +117,9 @@ def _note(note: dict[str, Any]) -> str:
         return f"rolled back from {left} ({note.get('by', '?')})"
     if note.get("gate") == "skipped":
         return f"gate skipped ({note.get('by', '?')})"
-    figures = ", ".join(f"v{v['ref'].rsplit('@v', 1)[-1]} served ppl {v['served_ppl']:.4f} vs trainer {v['trainer_ppl']:.4f}"
-                        for v in note.get("verdicts", []))
+    figures = ", ".join(f"v{v['ref'].rsplit('@v', 1)[-1]} " + (
+        f"served DPO loss {v['dpo']['served']['loss']:.4f} vs trainer {v['dpo']['trainer']['loss']:.4f}" if v.get("dpo")
+        else f"served ppl {v['served_ppl']:.4f} vs trainer {v['trainer_ppl']:.4f}") for v in note.get("verdicts", []))
     return f"gate passed ({note.get('by', '?')}" + (f": {figures})" if figures else ")")
 
 

@@ -8,6 +8,10 @@ it does not, the weights that answer are not the weights that were judged in tra
 tokenizer or chat template behind the data, an adapter config not the one trained, an adapter
 for another base, a LoRA kernel bug in the serving engine — and the alias stays where it was.
 
+A DPO version (a preference dataset, `train.objective: dpo`) has a DPO loss for its val_loss, so it is
+measured the DPO way instead: the same loss and rewards from the candidate's and the base's served
+log-probabilities of each val pair's chosen and rejected response (registry/gate_dpo.py).
+
 Every decision is stored beside what it judged: the figures go into the version's manifest
 (section `gate`, keyed by alias) and, for a promotion that happened, into the alias file with the
 targets they explain (the note moves into the alias history on the next promote). Skipping the
@@ -52,6 +56,8 @@ class Scope:
     sequences: int | None
     document_masking: bool
     source: str  # where these came from, for the record
+    objective: str = "lm"  # "dpo": a preference dataset, measured by gate_dpo
+    dpo: dict[str, Any] = field(default_factory=dict)  # the run's train.dpo (beta, loss_type, label_smoothing)
 
 
 @dataclass
@@ -67,18 +73,28 @@ class Verdict:
     sequences: int = 0
     cause: str = ""
     generation: dict[str, Any] | None = None  # {task, metric, candidate, current, current_ref, margin} when compared
+    dpo: dict[str, Any] | None = None  # a DPO version: {trainer, served, abs_diff, reference_model, settings}
     measured_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def message(self) -> str:
         """One line: the decision, both figures, and (on refusal) the likely cause."""
-        figures = (f"served val ppl {_fmt(self.served_ppl)} vs trainer's {_fmt(self.trainer_ppl)}"
-                   + (f" ({100 * self.rel_diff:.2f}% apart, tolerance {100 * self.tolerance:g}%)" if self.rel_diff is not None else ""))
+        if self.dpo is not None:
+            d, trainer = self.dpo, self.dpo["trainer"]
+            served = d.get("served") or {}
+            figures = (f"served val DPO loss {_fmt(served.get('loss'))} vs trainer's {_fmt(trainer.get('loss'))}"
+                       + (f" ({d['abs_diff']:.4f} apart, tolerance {self.tolerance:g})" if d.get("abs_diff") is not None else "")
+                       + (f", preference accuracy {served['rewards/accuracies']:.2f} vs {trainer['rewards/accuracies']:.2f}"
+                          if "rewards/accuracies" in served and "rewards/accuracies" in trainer else ""))
+        else:
+            figures = (f"served val ppl {_fmt(self.served_ppl)} vs trainer's {_fmt(self.trainer_ppl)}"
+                       + (f" ({100 * self.rel_diff:.2f}% apart, tolerance {100 * self.tolerance:g}%)" if self.rel_diff is not None else ""))
         g = self.generation
         if g:
             figures += (f"; {g['task']}/{g['metric']} {g['candidate']:.2f} vs {g['current_ref']}'s {g['current']:.2f} "
                         f"(margin {g['margin']:g})")
         if self.passed:
-            return f"gate passed for {self.ref}: {figures}, {self.tokens} tokens of {self.sequences} val sequences at {self.endpoint}"
+            what = "val pairs" if self.dpo is not None else "val sequences"
+            return f"gate passed for {self.ref}: {figures}, {self.tokens} tokens of {self.sequences} {what} at {self.endpoint}"
         return f"gate refused {self.ref}: {figures}; likely cause: {self.cause}"
 
     def to_json(self) -> dict[str, Any]:
@@ -120,6 +136,20 @@ def judge(ref: str, trainer: float, served: dict[str, Any], tolerance: float, en
     passed = rel <= tolerance
     return Verdict(ref, passed, trainer, served["ppl"], rel, tolerance, endpoint, int(served["tokens"]),
                    int(served["sequences"]), "" if passed else likely_cause(trainer, served["ppl"]))
+
+
+def judge_dpo(ref: str, trainer: dict[str, float], served: dict[str, Any], tolerance: float, endpoint: str,
+              reference_model: str, settings: dict[str, Any]) -> Verdict:
+    """Pass when |served val DPO loss - trainer's val_loss| <= tolerance (nats per pair)."""
+    from rayllm.registry import gate_dpo
+
+    diff = abs(served["loss"] - trainer["loss"])
+    passed = diff <= tolerance
+    figures = {k: served[k] for k in gate_dpo.FIGURES}
+    return Verdict(ref, passed, None, None, None, tolerance, endpoint, int(served["tokens"]), int(served["pairs"]),
+                   "" if passed else gate_dpo.cause(reference_model),
+                   dpo={"trainer": trainer, "served": figures, "abs_diff": diff, "reference_model": reference_model,
+                        "settings": settings})
 
 
 def endpoint_cause(message: str) -> str:
@@ -190,11 +220,27 @@ def scope_for(manifest: dict[str, Any], gate: "GateConfig", train: dict[str, Any
     if not dataset:
         raise RegistryError(f"{ref}: no dataset to measure on: set registry.gate.dataset to the prepared dataset the "
                             "version was trained on (its run's config.yaml was not found)")
+    mode = _dataset_mode(str(dataset))
+    objective = "dpo" if mode == "preference" or train_section.get("objective") == "dpo" else "lm"
+    if objective == "dpo" and mode not in (None, "preference"):
+        raise RegistryError(f"{ref} was trained with train.objective dpo, but {dataset} is a {mode!r} dataset; set "
+                            "registry.gate.dataset to the preference dataset it was trained on")
     recorded = (manifest.get("metrics") or {}).get("val_sequences")
     sequences = int(recorded) if isinstance(recorded, int) else trainer_sequences(train_section, dataset)
     if gate.max_sequences is not None:
         sequences = gate.max_sequences if sequences is None else min(sequences, gate.max_sequences)
-    return Scope(str(dataset), sequences, bool(train_section.get("document_masking", True)), source)
+    return Scope(str(dataset), sequences, bool(train_section.get("document_masking", True)), source, objective,
+                 dict(train_section.get("dpo") or {}) if objective == "dpo" else {})
+
+
+def _dataset_mode(dataset: str) -> str | None:
+    """The prepared dataset's data.mode (None when its manifest cannot be read here)."""
+    from rayllm.train.data import read_manifest
+
+    try:
+        return read_manifest(dataset).get("mode")
+    except (OSError, ValueError):
+        return None
 
 
 # -- measuring and promoting --------------------------------------------------------------------
@@ -235,12 +281,22 @@ def measure_generation_served(gate: "GateConfig", model: str) -> float:
     return tasks.score([gate.generation_metric], outputs, [r.references for r in rows])[gate.generation_metric]
 
 
+def measure_served_dpo(gate: "GateConfig", model: str, scope: Scope) -> dict[str, Any]:
+    """The real DPO measurement: registry/gate_dpo.py against registry.gate.endpoint."""
+    from rayllm.registry.gate_dpo import measure_served_dpo as measure
+
+    return measure(gate, model, scope)
+
+
 def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, train: dict[str, Any] | None = None,
           measure: Measure = measure_served, current_ref: str | None = None,
-          measure_generation: MeasureGeneration = measure_generation_served) -> Verdict:
+          measure_generation: MeasureGeneration = measure_generation_served,
+          measure_dpo: Measure = measure_served_dpo) -> Verdict:
     """Measure one version through the endpoint and judge it; the verdict is recorded in its manifest.
-    With registry.gate.generation and a `current_ref` (the alias's version now), both generate too."""
+    With registry.gate.generation and a `current_ref` (the alias's version now), both generate too.
+    A DPO version is measured by `measure_dpo` and judged on its DPO loss."""
     from rayllm.eval.served import EndpointError
+    from rayllm.registry import gate_dpo
 
     r = AdapterRef.parse(ref)
     if r.version is None:
@@ -248,16 +304,21 @@ def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, t
     if not gate.endpoint:
         raise RegistryError(NO_ENDPOINT)
     manifest = registry.resolve(r, verify=False).manifest
-    expected = trainer_ppl(manifest, str(r))
     scope = scope_for(manifest, gate, train, str(r))
+    dpo = scope.objective == "dpo"
+    expected = gate_dpo.trainer_figures(manifest, str(r)) if dpo else trainer_ppl(manifest, str(r))
     try:
-        served = measure(gate, str(r), scope)
+        served = (measure_dpo if dpo else measure)(gate, str(r), scope)
     except EndpointError as e:
         if e.status is None or e.status == 401:  # the endpoint, not the version, is the problem: nothing to record
             raise RegistryError(f"gate: {e}") from None
-        verdict = Verdict(str(r), False, expected, None, None, gate.tolerance, gate.endpoint, cause=f"{endpoint_cause(str(e))} ({e})")
+        verdict = Verdict(str(r), False, None if dpo else expected, None, None, gate.tolerance, gate.endpoint,
+                          cause=f"{endpoint_cause(str(e))} ({e})",
+                          dpo={"trainer": expected, "served": None, "abs_diff": None, "reference_model": gate.reference_model,
+                               "settings": scope.dpo} if dpo else None)
     else:
-        verdict = judge(str(r), expected, served, gate.tolerance, gate.endpoint)
+        verdict = (judge_dpo(str(r), expected, served, gate.tolerance, gate.endpoint, gate.reference_model, scope.dpo) if dpo
+                   else judge(str(r), expected, served, gate.tolerance, gate.endpoint))
         if verdict.passed and gate.generation is not None and current_ref is not None:
             verdict = judge_generation(verdict, gate.generation.name, gate.generation_metric, measure_generation(gate, str(r)),
                                        measure_generation(gate, current_ref), current_ref, gate.generation_margin)
@@ -267,7 +328,8 @@ def check(registry: Registry, ref: RefLike, gate: "GateConfig", alias: str, *, t
 
 def promote(registry: Registry, alias_ref: RefLike, targets: TargetSpec, gate: "GateConfig", *, skip: bool = False,
             by: str = "registry promote", train: dict[str, Any] | None = None, measure: Measure = measure_served,
-            measure_generation: MeasureGeneration = measure_generation_served, say: Callable[[str], None] | None = None) -> Alias:
+            measure_generation: MeasureGeneration = measure_generation_served, say: Callable[[str], None] | None = None,
+            measure_dpo: Measure = measure_served_dpo) -> Alias:
     """Move `name:alias` to `targets` once every version new to it has passed the gate (or `skip` says not to
     measure). Raises GateRefused, alias untouched, on the first version refused. `say` gets each verdict's line."""
     a = AdapterRef.parse_alias(alias_ref)
@@ -284,7 +346,7 @@ def promote(registry: Registry, alias_ref: RefLike, targets: TargetSpec, gate: "
             if t.version in serving:  # already took this alias's traffic: judged when it first did
                 continue
             verdict = check(registry, AdapterRef.of_version(a.name, t.version), gate, str(a), train=train, measure=measure,
-                            current_ref=current_ref, measure_generation=measure_generation)
+                            current_ref=current_ref, measure_generation=measure_generation, measure_dpo=measure_dpo)
             if not verdict.passed:
                 raise GateRefused(verdict)
             if say:

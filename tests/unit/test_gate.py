@@ -237,12 +237,14 @@ def test_segments_hold_exactly_the_trainers_target_tokens():
 
 
 class _FakeCompletionsServer:
-    """A fake of the OpenAI /v1/completions route (echo + logprobs only) over a real tiny torch model."""
+    """A fake of the OpenAI /v1/completions route (echo + logprobs only) over a real tiny torch model
+    (or several: a dict from the `model` name asked for to the torch model answering)."""
 
     def __init__(self, model, api_key: str | None = None):
         import torch
 
         outer = self
+        models = model if isinstance(model, dict) else None
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -253,8 +255,11 @@ class _FakeCompletionsServer:
                     return self._send(401, {"error": {"message": "invalid key"}})
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.bodies.append(body)
+                if models is not None and body["model"] not in models:
+                    return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+                answering = model if models is None else models[body["model"]]
                 with torch.no_grad():
-                    logp = torch.log_softmax(model(torch.tensor([body["prompt"]])).logits[0].float(), -1)
+                    logp = torch.log_softmax(answering(torch.tensor([body["prompt"]])).logits[0].float(), -1)
                 lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(body["prompt"]) if i > 0]
                 self._send(200, {"model": body["model"], "choices": [{"text": "", "logprobs": {"token_logprobs": lps}}]})
 
@@ -325,3 +330,107 @@ def test_refused_key_and_unreachable_endpoint_fail_in_one_line_quickly(tmp_path:
     with pytest.raises(EndpointError, match="cannot reach") as e:
         served_perplexity(server.url, "s@v1", data, timeout_s=2)
     assert e.value.status is None and time.monotonic() - started < 5
+
+
+# -- a DPO version: its served DPO loss against the trainer's -----------------------------------------
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory):
+    """A preference dataset, a tiny base and a LoRA on it that moves the policy, and the trainer's own val
+    figures for them (`Dpo.evaluate` on one worker, beta 0.3)."""
+    import copy
+
+    import torch
+
+    from rayllm.config import LoraConfig, ModelConfig
+    from rayllm.config.train import DpoConfig
+    from rayllm.data.tokenizer import load_tokenizer
+    from rayllm.model import apply_lora, build_model
+    from rayllm.train.data import PackedSplit
+    from rayllm.train.dpo import METRICS, Dpo, PreferenceSplit, Stats
+    from tests.ray.train_fixtures import corpus, train_tokenizer
+    from tests.unit.test_dpo import _preference_dataset
+
+    class Engine:  # what Dpo.terms asks of a DeepSpeed engine
+        def __init__(self, module):
+            self.module = module
+
+        def __call__(self, **kw):
+            return self.module(**kw)
+
+
+    tmp = tmp_path_factory.mktemp("dpo-gate")
+    train_tokenizer(corpus(60) + ["be brief and then nothing"], tmp / "tok")
+    data = _preference_dataset(tmp, tmp / "tok")
+    tok = load_tokenizer(data / "tokenizer")
+    base = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2), tok, seed=0).eval()
+    policy = apply_lora(copy.deepcopy(base), LoraConfig(rank=4)).eval()
+    torch.manual_seed(1)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a trained adapter: the policy differs from its reference
+    val = PreferenceSplit(PackedSplit.read(data, "val"), tok.pad_token_id)
+    settings = {"beta": 0.3, "loss_type": "sigmoid", "label_smoothing": 0.0}
+    objective, stats = Dpo(DpoConfig(**settings), lora=True), Stats()
+    with torch.no_grad():  # Dpo.evaluate on one worker (its all-reduce aside): 3 micro-batches of 2 pairs
+        for m in range(3):
+            stats.add(*objective.terms(Engine(policy), val.batch(np.arange(2 * m, 2 * m + 2)), "cpu"))
+    n, loss, *rest = stats.sums
+    trainer = {"val_loss": loss / n, **{f"val_{k}": v / n for k, v in zip(METRICS, rest)}}
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"dataset": str(data), "objective": "dpo", "dpo": settings,
+                                                               "micro_batch_size": 2, "num_workers": 1, "eval_batches": 3}}))
+    server = _FakeCompletionsServer({"d@v1": policy, "d@v2": policy, "base": base})
+    yield data, run, trainer, server
+    server.close()
+
+
+def _publish_dpo(reg: Registry, tmp_path: Path, run: Path, metrics: dict) -> None:
+    folder = tmp_path / f"dpo{len(reg.versions('d')) if reg.names() else 0}"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"]}))
+    (folder / "rayllm_adapter.json").write_text(json.dumps({"rank": 4, "metrics": metrics, "source_run": str(run)}))
+    reg.publish("d", folder)
+
+
+def test_served_dpo_figures_equal_the_trainers(dpo_setup):
+    from rayllm.registry import gate_dpo
+
+    data, run, trainer, server = dpo_setup
+    scope = gate.scope_for({"source_run": str(run)}, GateConfig(endpoint=server.url), None, "d@v1")
+    assert scope.objective == "dpo" and scope.sequences == 6 and scope.dpo["beta"] == 0.3
+    got = gate_dpo.measure_served_dpo(GateConfig(endpoint=server.url, concurrency=3), "d@v1", scope)
+    assert got["pairs"] == 6 and {b["model"] for b in server.bodies} == {"d@v1", "base"}
+    for name in gate_dpo.FIGURES:
+        assert got[name] == pytest.approx(trainer[f"val_{name}"], rel=1e-5, abs=1e-6), name
+    assert trainer["val_rewards/margins"] != 0  # the adapter really moved the policy: the check is not 0 == 0
+
+
+def test_a_dpo_version_passes_the_gate_on_its_dpo_loss_and_a_wrong_one_is_refused(dpo_setup, tmp_path: Path, capsys):
+    data, run, trainer, server = dpo_setup
+    reg = Registry(tmp_path / "reg")
+    _publish_dpo(reg, tmp_path, run, trainer)  # what training wrote: v1
+    _publish_dpo(reg, tmp_path, run, {**trainer, "val_loss": trainer["val_loss"] + 0.05})  # figures of other weights: v2
+    cfg = GateConfig(endpoint=server.url)
+    gate.promote(reg, "d:prod", 1, cfg, by="test", say=print)
+    verdict = reg.show("d@v1")["manifest"]["gate"]["d:prod"]
+    assert verdict["passed"] and verdict["trainer_ppl"] is None and verdict["dpo"]["abs_diff"] < 1e-5
+    assert verdict["dpo"]["reference_model"] == "base" and verdict["sequences"] == 6
+    assert "gate passed for d@v1: served val DPO loss" in capsys.readouterr().out
+    with pytest.raises(gate.GateRefused, match=r"served val DPO loss .*\(0.0500 apart.*'base' is not the base") as e:
+        gate.promote(reg, "d:prod", 2, cfg, by="test")
+    assert e.value.verdict.dpo["served"]["loss"] == pytest.approx(trainer["val_loss"], abs=1e-5)
+    assert reg.get_alias("d:prod").targets[0].version == 1
+    with pytest.raises(gate.GateRefused, match="does not serve this registry.*other-base"):  # a reference the endpoint lacks
+        gate.promote(reg, "d:prod", 2, cfg.model_copy(update={"reference_model": "other-base"}), by="test")
+    assert cli.run(_args("--root", reg.url(reg.root), "show", "d:prod")) == 0
+    assert "gate passed (test: v1 served DPO loss" in capsys.readouterr().out
+
+
+def test_a_dpo_run_measured_on_a_non_preference_dataset_is_refused(tmp_path: Path):
+    data = make_dataset(tmp_path / "data", seq_len=32, n_docs=40, val_docs=12, shards=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"dataset": str(data), "objective": "dpo"}}))
+    with pytest.raises(RegistryError, match="train.objective dpo, but .* is a 'pretrain' dataset"):
+        gate.scope_for({"source_run": str(run)}, GateConfig(endpoint=ENDPOINT), None, "d@v1")
