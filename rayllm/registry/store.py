@@ -312,15 +312,20 @@ class Registry:
         return self._write_alias(r, change)
 
     # -- alias writes: no update lost, never an alias on a deleted version ---------------------
+    def _deletion_marks(self, name: str, version: int) -> list[str]:
+        """The marks of deletes of `name@vN` in progress (`vN.deleting.<id>`, one per delete)."""
+        return self.fs.glob(f"{self.root}/{name}/v{version}.deleting.*")
+
     def _being_deleted(self, name: str, version: int) -> bool:
-        """A delete of `name@vN` has marked it (`vN.deleting.<id>`, one mark per delete in progress)."""
-        return bool(self.fs.glob(f"{self.root}/{name}/v{version}.deleting.*"))
+        return bool(self._deletion_marks(name, version))
 
     def _check_target(self, name: str, version: int) -> None:
         """Raise unless `name@vN` is committed, sound and not being deleted."""
         self._committed_manifest(name, version)
-        if self._being_deleted(name, version):
-            raise RegistryError(f"{AdapterRef.of_version(name, version)} is being deleted; an alias cannot move to it")
+        marks = self._deletion_marks(name, version)
+        if marks:
+            raise RegistryError(f"{AdapterRef.of_version(name, version)} is being deleted; an alias cannot move to it "
+                                f"(if no delete is running, one was interrupted: remove {self.url(marks[0])})")
 
     def _write_alias(self, r: AdapterRef, change: Callable[[dict[str, Any] | None, str], dict[str, Any] | None]) -> Alias | None:
         """Replace the alias file with `change(its content now)` (None removes it) without losing a concurrent
