@@ -230,8 +230,6 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
     cfg = servable_config(cfg)
     root = _registry_root(registry_path)
     cache = None if cfg.stage_dir or not registry_cache_dir else str(Path(registry_cache_dir).expanduser().resolve())
-    # The validated config object itself goes to the replicas (pickled): a dump would drop the API keys.
-    raw = cfg
     if cfg.allow_unauthenticated and not is_loopback(cfg.host) and not Keys.from_config(cfg.api_keys, None, tenants=cfg.tenants).guarded:
         logger.warning("rayllm serve: /v1/* on %s is open to anyone who reaches it (serve.allow_unauthenticated: true, "
                        "no API keys)", cfg.host)
@@ -239,14 +237,14 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
     if cfg.topology == "single":
         return LLMServerWithRoutes.options(
             num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources, **queue_options(cfg),
-        ).bind(raw, root, cache)
-    llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(raw, root, cache)
+        ).bind(cfg, root, cache)  # the validated object itself (pickled): a dump would leave out the API keys
+    llm = LLMServer.options(**replica_options(cfg), ray_actor_options=resources).bind(cfg, root, cache)
     most = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
     return OpenAIIngress.options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests * most,
         ray_actor_options={"num_cpus": 0.1}, **queue_options(cfg),
-    ).bind(llm, raw, root)
+    ).bind(llm, cfg, root)
 
 
 def _config_from_args(args: dict[str, Any]) -> RayllmConfig:
