@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Any
 
 from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, validate_name
-from rayllm.registry.resolve import pick
+from rayllm.registry.resolve import Target, pick
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
 
@@ -150,10 +150,29 @@ class AdapterCatalog:
         return names
 
     def _targets(self, ref: AdapterRef) -> tuple:
+        """What `ref` points at now, () when nothing. A version or alias is looked up in its name's
+        listing (cached per name), so made-up versions and aliases of a real name cost no storage
+        call each either."""
         try:
+            if ref.alias is not None:
+                alias = self._per_name("aliases", ref.name).get(ref.alias)
+                return alias.targets if alias is not None else ()
+            if ref.version is not None:
+                return (Target(ref.version),) if ref.version in self._per_name("versions", ref.name) else ()
             return self.registry.targets(ref)
         except RegistryError:
             return ()  # cached like any answer: an unknown name is not looked up on every request
+
+    def _per_name(self, what: str, name: str) -> Any:
+        """The committed versions (a set) or the aliases (by alias) of one name, re-read every refresh_s."""
+        found = self._cache.get((what, name))
+        if found is None:
+            if what == "versions":
+                found = frozenset(self.registry.versions(name))
+            else:
+                found = {a.alias: a for a in self.registry.aliases(name)}
+            self._cache.put((what, name), found)
+        return found
 
     async def _version(self, ref: AdapterRef, asked: str) -> AdapterSpec:
         """The spec of one immutable version; its manifest is read once (the replica verifies the files)."""
@@ -162,7 +181,7 @@ class AdapterCatalog:
             try:
                 resolved = await asyncio.to_thread(self.registry.resolve, ref, None, False)
             except RegistryError as e:
-                if ref.version in await asyncio.to_thread(self._versions_of, ref.name):  # there, but unreadable
+                if ref.version in await asyncio.to_thread(self._versions_of, ref.name):  # committed, but unreadable
                     logger.error("%s refused: %s", ref, e)
                     raise ServeError(502, f"model `{asked}` failed its integrity check in the registry and is not served",
                                      "model") from None
