@@ -1,0 +1,114 @@
+"""GRPO on the real stack: a tiny Llama base (own tokenizer) with LoRA on 2 Ray Train workers (DeepSpeed
+ZeRO-2), rollouts from one vLLM engine in a Ray actor, rewards from code. The reward is trivially
+learnable (the share of digits in a completion, from a user function named by import path), so a few
+iterations at a high learning rate must raise it; a second user reward raises on some completions
+and must only be counted. The run's own records show each batch came from the policy version that
+trained on it, and each version reached the same engine under a new LoRA id."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rayllm.data.verifiable import problems
+from tests.ray.train_fixtures import read_metrics, train, train_tokenizer
+
+pytestmark = pytest.mark.slow
+ITERATIONS = 12
+LOGIT_SCALE = 10.0
+
+
+def digit_share(prompt, completion, row):
+    return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
+
+
+def flaky(prompt, completion, row):
+    if "1" in completion:
+        raise ValueError("a reward with a bug")
+    return 0.0
+
+
+def _sft_dataset(tmp_path, records, tok, seq_len=128):
+    """The layout `rayllm prepare` writes for data.mode sft (rendered chats, labels on the answers, packed)."""
+    from rayllm.chat import render_chat
+    from rayllm.data.pack import pack
+
+    out = tmp_path / "prepared"
+    tok.save_pretrained(out / "tokenizer")
+    splits = {}
+    for split, part in (("train", records[:160]), ("val", records[160:])):
+        chats = [render_chat(tok, r["messages"]) for r in part]
+        packed = pack([np.array(c.input_ids) for c in chats], seq_len, tok.pad_token_id, [np.array(c.labels()) for c in chats])
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.table({k: pa.array(getattr(packed, k).tolist(), type=pa.list_(pa.int32()))
+                                 for k in ("input_ids", "labels", "doc_ids")}), out / split / "part-00000.parquet")
+        splits[split] = {"path": split, "sequences": len(packed), "tokens": int(packed.n_tokens.sum()), "documents": len(part),
+                         "pad_tokens": int(len(packed) * seq_len - packed.n_tokens.sum())}
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "mode": "sft", "seq_len": seq_len, "tokenizer": "tokenizer",
+                                                   "splits": splits, "config_hash": "grpo-fixture"}))
+    return out
+
+
+def tiny_task(tmp_path):
+    """(base folder, prepared sft dataset): a 2-layer d=64 Llama with a tokenizer trained on the sum task."""
+    from rayllm.config import ModelConfig
+    from rayllm.model import build_model
+
+    records = problems(200, seed=0, high=20)
+    base = tmp_path / "base"
+    tok = train_tokenizer([" ".join(m["content"] for m in r["messages"]) for r in records], base, vocab_size=300)
+    model = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False), tok, seed=0)
+    # A fresh model's output layer (std 0.02) gives logits within about ±1 whatever its hidden state: its samples
+    # stay near uniform and no policy could shift them. A trained model's logits span several units; scaled so.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_SCALE)
+    model.save_pretrained(base)
+    return base, _sft_dataset(tmp_path, records, tok)
+
+
+def grpo_config(base, dataset, out, iterations: int, eval_prompts: int = 8) -> dict:
+    return {
+        "model": {"path": str(base), "dtype": "float32", "lora": {"rank": 8, "alpha": 16}},
+        "train": {"dataset": str(dataset), "output_dir": str(out), "run_name": "grpo", "objective": "grpo",
+                  "num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 8, "max_steps": iterations,
+                  "learning_rate": 2e-2, "lr_scheduler_type": "constant", "eval_every": iterations, "save_every": iterations,
+                  "logging_steps": 1, "max_failures": 0, "zero_stage": 2, "ingest": "files",
+                  "grpo": {"group_size": 4, "max_new_tokens": 8, "temperature": 1.0, "beta": 0.04, "updates_per_batch": 2,
+                           "eval_prompts": eval_prompts,
+                           "rewards": [{"kind": "function", "function": "tests.ray.test_train_grpo:digit_share"},
+                                       {"kind": "function", "function": "tests.ray.test_train_grpo:flaky", "weight": 0.0}],
+                           "rollout": {"num_actors": 1, "actor_cpus": 1, "max_model_len": 128, "dtype": "float32"}}},
+    }
+
+
+@pytest.mark.timeout(300)
+def test_grpo_raises_the_reward_with_fresh_adapters_on_one_engine(ray_local, tmp_path):
+    base, dataset = tiny_task(tmp_path)
+    result = train(grpo_config(base, dataset, tmp_path, ITERATIONS))
+    assert result["status"] == "finished" and result["adapter_dir"], result
+    records = read_metrics(tmp_path / "grpo")
+    steps = [r for r in records if "event" not in r and "reward_mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, ITERATIONS + 1))
+    # (a) every batch was generated by the policy version that trained on it
+    assert all(r["rollout_versions"] == [r["policy_version"]] == [r["step"] - 1] for r in steps)
+    # (b) one engine for the whole run; each version reached it under a new LoRA id, the only one loaded
+    assert len({e for r in steps for e in r["engines"]}) == 1
+    assert [r["lora_id"] for r in steps] == list(range(1, ITERATIONS + 1))
+    assert all(r["engines_loaded"] == [[r["lora_id"]]] for r in steps)
+    # (c) the reward rises
+    first, last = np.mean([r["reward/digit_share"] for r in steps[:3]]), np.mean([r["reward/digit_share"] for r in steps[-3:]])
+    assert last > first + 0.15, [round(r["reward/digit_share"], 3) for r in steps]
+    # the raising reward only counted, scored 0
+    assert sum(r["reward_errors/flaky"] for r in steps) > 0 and all(r["reward/flaky"] == 0 for r in steps)
+    # (d) the per-iteration fields
+    for key in ("reward_mean", "reward_std", "reward_std/digit_share", "kl", "clip_fraction", "completion_length",
+                "rollout_tokens_per_s", "time/generation_s", "time/training_s", "time/other_s", "loss", "logp_gap_vllm"):
+        assert all(isinstance(r[key], (int, float)) for r in steps), key
+    assert all(r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 and 1 <= r["completion_length"] <= 8 for r in steps)
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [0, ITERATIONS] and all("val_reward/digit_share" in e for e in evals)
+    assert (tmp_path / "grpo" / "policy" / f"v{ITERATIONS}" / "adapter_model.safetensors").is_file()
