@@ -39,4 +39,6 @@ class TuneConfig(Section):
     promote_alias: str | None = Field(None, description="Alias moved to the published version when it beats the current one.")
     evaluate: bool = Field(False, description="Evaluate every finished trial's adapter with this config's `eval:` section (its own targets stay, as baselines, beside the trials): the figures join the results table and the best trial's go into its published version's manifest.")
     promote_skip_gate: bool = Field(False, description="Promote without measuring through the endpoint (registry.gate); recorded in the alias history. Needed when promote_alias is set and registry.gate.endpoint is empty.")
-    promote_margin: float = Field(0.0, ge=0, description="Promote only when val loss improves on the alias's version by at least this much.")
+    promote_margin: float = Field(0.0, ge=0, description="Promote only when tune.metric improves on the alias's version by at least this much.")
+    metric: Literal["val_loss", "val_rewards/accuracies", "val_rewards/margins"] = Field(
+        "val_loss", description="The validation figure trials are ranked by, ASHA stops on and promotion compares: val_loss (lower is better), or for train.objective dpo the val preference accuracy or reward margin (higher is better; needed when tune.dpo_beta sweeps several betas, whose DPO losses are not comparable).")

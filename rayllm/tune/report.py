@@ -24,9 +24,11 @@ class TrialRow:
     adapter_dir: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
     eval: dict[str, float] = field(default_factory=dict, repr=False)  # `rayllm eval` figures (tune.evaluate)
+    dpo_beta: float | None = None
+    score: float | None = None  # the trial's best tune.metric (val_loss unless a DPO sweep says otherwise)
 
 
-COLUMNS = ["trial", "learning_rate", "warmup_steps", "lora_rank", "best_val_loss", "final_val_loss", "perplexity",
+COLUMNS = ["trial", "learning_rate", "warmup_steps", "lora_rank", "dpo_beta", "best_val_loss", "final_val_loss", "perplexity",
            "steps", "tokens", "wall_s", "stopped_early", "status", "adapter_dir"]
 
 
@@ -39,10 +41,17 @@ def _value(r: TrialRow, column: str):
     return r.eval.get(column[5:]) if column.startswith("eval_") else getattr(r, column)
 
 
-def best_trial(rows: list[TrialRow]) -> TrialRow | None:
-    """Lowest best validation loss among the trials that finished (only they have an adapter)."""
-    done = [r for r in rows if r.status == "finished" and r.best_val_loss is not None]
-    return min(done, key=lambda r: r.best_val_loss) if done else None
+def best_trial(rows: list[TrialRow], mode: str = "min") -> TrialRow | None:
+    """The best `score` (tune.metric: lowest for a loss, highest for DPO's accuracy or margin; a row without
+    one falls back on its best val loss) among the trials that finished (only they have an adapter)."""
+    done = [r for r in rows if r.status == "finished" and _score(r) is not None]
+    if not done:
+        return None
+    return min(done, key=_score) if mode == "min" else max(done, key=_score)
+
+
+def _score(r: TrialRow) -> float | None:
+    return r.score if r.score is not None else r.best_val_loss
 
 
 def _fmt(v) -> str:
@@ -51,14 +60,17 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def table(rows: list[TrialRow], best: TrialRow | None) -> str:
-    shown = [c for c in COLUMNS if c != "adapter_dir"] + eval_columns(rows)
+def table(rows: list[TrialRow], best: TrialRow | None, metric: str = "val_loss") -> str:
+    shown = [c for c in COLUMNS if c != "adapter_dir" and (c != "dpo_beta" or any(r.dpo_beta is not None for r in rows))]
+    shown += eval_columns(rows)
     cells = [[_fmt(_value(r, c)) + (" *" if r is best and c == "trial" else "") for c in shown] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     if best:
-        lines.append(f"* best: {best.trial} (lr {best.learning_rate:.3g}, val loss {best.best_val_loss:.4f})")
+        by = "" if best.score is None or best.score == best.best_val_loss else f", {metric} {best.score:.4f}"
+        lines.append(f"* best: {best.trial} (lr {best.learning_rate:.3g}, val loss {best.best_val_loss:.4f}{by})" if best.best_val_loss is not None
+                     else f"* best: {best.trial} (lr {best.learning_rate:.3g}{by})")
     return "\n".join(lines)
 
 

@@ -83,8 +83,18 @@ def check_sweep(cfg) -> list[str]:
         problems.append("tune.publish_as: only LoRA adapters are published to the registry; add model.lora or drop publish_as")
     if t.dpo_beta and (cfg.train is None or cfg.train.objective != "dpo"):
         problems.append("tune.dpo_beta: sweeping DPO's beta needs train.objective: dpo")
+    if t.metric != "val_loss" and (cfg.train is None or cfg.train.objective != "dpo"):
+        problems.append(f"tune.metric: {t.metric} is a DPO figure; it needs train.objective: dpo (else use val_loss)")
+    if len(set(t.dpo_beta)) > 1 and t.metric == "val_loss":
+        problems.append("tune.metric: DPO losses under different betas are not comparable (the loss scales with beta); "
+                        "rank a beta sweep by tune.metric: val_rewards/accuracies (or val_rewards/margins)")
     if t.promote_alias and not t.publish_as:
         problems.append("tune.promote_alias: needs tune.publish_as (the name the best adapter is published under)")
     if cfg.train is not None and t.grace_period > cfg.train.max_steps:
         problems.append(f"tune.grace_period ({t.grace_period}) exceeds train.max_steps ({cfg.train.max_steps}); no trial could be stopped early")
     return problems
+
+
+def metric_mode(metric: str) -> str:
+    """Tune's mode for a `tune.metric`: losses go down, DPO's accuracy and margin go up."""
+    return "min" if metric.endswith("loss") else "max"

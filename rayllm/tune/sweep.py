@@ -26,7 +26,7 @@ from typing import Any
 from rayllm import console
 from rayllm.config import ConfigError, RayllmConfig, config_hash, parse_config
 from rayllm.tune.report import TrialRow, best_trial, plot, table, write_csv
-from rayllm.tune.space import check_sweep, fingerprint, grid_size, param_space, trial_config
+from rayllm.tune.space import check_sweep, fingerprint, grid_size, metric_mode, param_space, trial_config
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], trials_dir: str, group: str) -> None:
@@ -69,7 +69,7 @@ def _finished(done: Path, cfg: RayllmConfig) -> bool:
     return result.get("status") == "finished" and result.get("config_hash") == config_hash(cfg)
 
 
-def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> TrialRow:
+def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int, metric: str = "val_loss") -> TrialRow:
     params, df = result.config, result.metrics_dataframe
     has = lambda col: df is not None and col in df and df[col].notna().any()  # noqa: E731
     curve: list[tuple[int, float]] = []
@@ -77,6 +77,7 @@ def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> Tria
         evals = df.dropna(subset=["val_loss"])
         # A trial resumed from its checkpoint reports the steps after it again: the last report wins.
         curve = sorted({int(s): float(v) for s, v in zip(evals["step"], evals["val_loss"])}.items())
+    scores = [float(v) for v in df[metric].dropna()] if has(metric) else []
     trial_id = str(result.metrics.get("trial_id") or (df["trial_id"].iloc[-1] if has("trial_id") else ""))
     done = trials_dir / trial_id / "result.json"
     run = json.loads(done.read_text()) if trial_id and done.is_file() else {}
@@ -97,6 +98,8 @@ def _row(result, trials_dir: Path, max_steps: int, tokens_per_step: int) -> Tria
         status="error" if result.error else ("stopped" if stopped else run.get("status", "finished")),
         adapter_dir=run.get("adapter_dir"),
         curve=curve,
+        dpo_beta=params.get("dpo_beta"),
+        score=(min(scores) if metric_mode(metric) == "min" else max(scores)) if scores else None,
     )
 
 
@@ -150,7 +153,7 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(t),
-                tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
+                tune_config=tune.TuneConfig(metric=t.metric, mode=metric_mode(t.metric), scheduler=scheduler,
                                             num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials),
                 run_config=tune.RunConfig(name="tune", storage_path=str(out), callbacks=[TrialProgress()]),
             )
@@ -198,16 +201,17 @@ def summarize(cfg: RayllmConfig, grid, trials_dir: Path, out: Path, wall: float,
     manifest = json.loads((Path(cfg.train.dataset) / "manifest.json").read_text())
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * t.num_workers * manifest["seq_len"]
-    rows = [_row(r, trials_dir, t.max_steps, tokens_per_step) for r in grid]
+    rows = [_row(r, trials_dir, t.max_steps, tokens_per_step, cfg.tune.metric) for r in grid]
     rows.sort(key=lambda r: r.learning_rate)
-    best = best_trial(rows)
+    best = best_trial(rows, metric_mode(cfg.tune.metric))
     evaluation = evaluate_trials(cfg, rows, out, address) if cfg.tune.evaluate else None
     write_csv(rows, out / "results.csv")
     plot(rows, best, out / "val_loss.png")
-    console.get().echo(table(rows, best))
+    console.get().echo(table(rows, best, cfg.tune.metric))
     summary: dict[str, Any] = {"sweep_dir": str(out), "results_csv": str(out / "results.csv"), "plot": str(out / "val_loss.png"),
                                "trials": len(rows), "stopped_early": sum(r.stopped_early for r in rows), "wall_s": round(wall, 1),
-                               "best": best.trial if best else None, "best_val_loss": best.best_val_loss if best else None}
+                               "best": best.trial if best else None, "best_val_loss": best.best_val_loss if best else None,
+                               "metric": cfg.tune.metric, "best_score": best.score if best else None}
     if evaluation:
         summary["eval_report"] = evaluation
     if best and cfg.tune.publish_as:
@@ -277,7 +281,8 @@ def publish_best(cfg: RayllmConfig, best: TrialRow, evaluation: str | None = Non
                                          by=f"sweep {cfg.tune.name}", train=train, say=console.get().say)
         try:
             out["promoted"] = promote_if_better(registry, cfg.tune.publish_as, cfg.tune.promote_alias, version,
-                                                metric="val_loss", margin=cfg.tune.promote_margin, move=move)
+                                                metric=cfg.tune.metric, margin=cfg.tune.promote_margin,
+                                                lower_is_better=metric_mode(cfg.tune.metric) == "min", move=move)
         except gate.GateRefused as e:  # the sweep's results stand; production stays where it was
             console.get().say(f"sweep: {alias} kept: {e}")
             out["gate"] = e.verdict.to_json()

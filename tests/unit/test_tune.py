@@ -4,7 +4,7 @@ import pytest
 
 from rayllm.config import parse_config
 from rayllm.tune.report import TrialRow, best_trial, table, write_csv
-from rayllm.tune.space import check_sweep, fingerprint, grid_size, param_space, trial_config
+from rayllm.tune.space import check_sweep, fingerprint, grid_size, metric_mode, param_space, trial_config
 
 BASE = {
     "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "lora": {"rank": 4}},
@@ -59,7 +59,7 @@ def test_check_sweep_finds_unusable_combinations():
 
 def test_dpo_beta_is_swept_beside_the_learning_rate():
     dpo = {**BASE, "train": {**BASE["train"], "objective": "dpo", "dpo": {"loss_type": "ipo"}},
-           "tune": {**BASE["tune"], "lora_rank": [], "dpo_beta": [0.05, 0.1, 0.5]}}
+           "tune": {**BASE["tune"], "lora_rank": [], "dpo_beta": [0.05, 0.1, 0.5], "metric": "val_rewards/accuracies"}}
     cfg = parse_config(dpo)
     assert param_space(cfg.tune)["dpo_beta"] == {"grid_search": [0.05, 0.1, 0.5]} and grid_size(cfg.tune) == 6
     trial = parse_config(trial_config(dpo, {"learning_rate": 1e-3, "dpo_beta": 0.5}, "t", "/s", "s"))
@@ -67,6 +67,22 @@ def test_dpo_beta_is_swept_beside_the_learning_rate():
     assert check_sweep(cfg) == []
     lm = parse_config({**BASE, "tune": {**BASE["tune"], "dpo_beta": [0.1]}})
     assert any(p.startswith("tune.dpo_beta") for p in check_sweep(lm))
+    # DPO losses under different betas do not compare: a beta sweep must rank by accuracy or margin
+    by_loss = parse_config({**dpo, "tune": {**dpo["tune"], "metric": "val_loss"}})
+    assert any(p.startswith("tune.metric: DPO losses under different betas") for p in check_sweep(by_loss))
+    lm_acc = parse_config({**BASE, "tune": {**BASE["tune"], "metric": "val_rewards/margins"}})
+    assert any(p.startswith("tune.metric: val_rewards/margins is a DPO figure") for p in check_sweep(lm_acc))
+
+
+def test_a_dpo_sweep_ranks_by_the_highest_accuracy():
+    rows = [row("a", 1e-4, 0.60), row("b", 1e-3, 0.70), row("c", 1e-2, 0.65)]
+    for r, acc in zip(rows, (0.95, 0.80, 0.99)):
+        r.score = acc
+    rows[2].status = "stopped"  # stopped trials have no adapter: never the best
+    best = best_trial(rows, metric_mode("val_rewards/accuracies"))
+    assert best.trial == "a"
+    assert "best: a (lr 0.0001, val loss 0.6000, val_rewards/accuracies 0.9500)" in table(rows, best, "val_rewards/accuracies")
+    assert metric_mode("val_loss") == "min" and metric_mode("val_rewards/margins") == "max"
 
 
 def test_grid_space_requires_values():
