@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 MAX_NAME_LEN = 64
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+# Used with fullmatch: `$` alone would accept a trailing newline ("prod\n").
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_VERSION_RE = re.compile(r"v([1-9][0-9]*)")
 
 
 class RegistryError(Exception):
@@ -44,7 +45,7 @@ def validate_name(name: str, kind: str = "name") -> str:
             raise InvalidNameError(f"{kind} {name!r} contains {why}")
     if name[0] in "._-":
         raise InvalidNameError(f"{kind} {name!r} starts with {name[0]!r}; it must start with a lowercase letter or digit")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         bad_chars = sorted({c for c in name if not re.match(r"[a-z0-9._-]", c)})
         hint = " (lowercase only)" if any(c.isupper() for c in bad_chars) else ""
         raise InvalidNameError(f"{kind} {name!r} has characters {''.join(bad_chars)!r}{hint}; allowed: a-z 0-9 . _ -")
@@ -63,7 +64,7 @@ def is_valid_name(name: str) -> bool:
 def validate_alias(alias: str) -> str:
     """An alias follows the name rules and must not look like a version (`v3` would read ambiguously)."""
     validate_name(alias, "alias")
-    if _VERSION_RE.match(alias):
+    if _VERSION_RE.fullmatch(alias):
         raise InvalidNameError(f"alias {alias!r} looks like a version; pick a word such as 'prod' or 'canary'")
     return alias
 
@@ -77,7 +78,7 @@ def parse_version(text: str | int) -> int:
             raise InvalidNameError(f"version {text} is below 1; versions start at v1")
         return text
     s = str(text).strip()
-    m = _VERSION_RE.match(s) or _VERSION_RE.match("v" + s)
+    m = _VERSION_RE.fullmatch(s) or _VERSION_RE.fullmatch("v" + s)
     if not m:
         raise InvalidNameError(f"version {text!r} is not of the form vN (N >= 1, e.g. v3)")
     return int(m.group(1))

@@ -38,7 +38,7 @@ def reg(tmp_path: Path) -> Registry:
 @pytest.mark.parametrize("bad, part", [
     ("../x", "separator"), ("a/b", "separator"), ("a\\b", "separator"), (".hidden", "starts with '.'"),
     ("", "empty"), ("x@y", "'@'"), ("x:y", "':'"), ("a" * 65, "65 characters"), ("..", "traversal"),
-    ("Support", "lowercase"), ("a b", "allowed"), ("-x", "starts with '-'"),
+    ("Support", "lowercase"), ("a b", "allowed"), ("-x", "starts with '-'"), ("prod\n", "allowed"),
 ])
 def test_bad_names_rejected_with_the_reason(bad: str, part: str) -> None:
     with pytest.raises(InvalidNameError, match=None) as err:
