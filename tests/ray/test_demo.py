@@ -1,5 +1,6 @@
 """The README's first quickstart command, exactly: `rayllm demo` (what `make demo` runs after setup),
-in a subprocess with its own embedded Ray, from raw text to an answered request and a clean exit."""
+in a subprocess with its own embedded Ray, from raw text to an answered request and a clean exit;
+and what a person sees of it: a short console of whole rayllm lines, the rest in the log file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +36,8 @@ def test_readme_demo_runs_the_whole_life_cycle(tmp_path):
     out = log_path.read_text()
     assert code == 0, out[-5000:]
     for stage in ("prepare", "pretrain", "finetune", "sweep", "serve"):
-        assert re.search(rf"=== {stage} done in \d+ s ===", out), stage
+        assert re.search(rf"^=== {stage} done in \d+ s ===$", out, re.M), stage
+    _assert_quiet_console(out)
     # The OpenAI client got an answer from the base and from the promoted adapter, which names its version.
     assert re.search(r"base → \[base\] '.+'", out), out[-3000:]
     assert re.search(r"botchan:prod → \[botchan@v\d+\] '.+'", out), out[-3000:]
@@ -45,3 +49,29 @@ def test_readme_demo_runs_the_whole_life_cycle(tmp_path):
     assert summary["trials"] == 3 and summary["published"].startswith("botchan@v")
     assert (work / "registry").is_dir()
     assert "demo finished" in out
+
+
+# The progress line of a training run, whole: nothing else written into it or after it.
+TRAIN_LINE = re.compile(r"\[rayllm\] train \w+  (starting|step \d+/\d+  loss \d+\.\d{4}(  val \d+\.\d{4})?  [\d,]+ tok/s  ETA [\d:-]+)")
+
+
+def _assert_quiet_console(out: str) -> None:
+    """At most 200 lines, every `[rayllm]` line whole, and the summary naming the log file that holds
+    Ray's, the workers' and the libraries' output."""
+    lines = out.rstrip("\n").split("\n")  # not splitlines(): a carriage return inside a line must show
+    assert len(lines) <= 200, f"{len(lines)} lines; most repeated: {Counter(l[:60] for l in lines).most_common(5)}"
+    ours = [line for line in lines if line.startswith("[rayllm]")]
+    assert len(ours) >= 20, out  # the stages' progress and summaries
+    for line in ours:
+        # a line cut by another writer has its text (Ray's worker prefix, a progress bar, a second line) in it
+        assert line.count("[rayllm]") == 1 and "pid=" not in line and "\r" not in line and "\x1b" not in line, line
+        if line.startswith("[rayllm] train ") and "  " in line.split(": ")[0]:
+            assert TRAIN_LINE.fullmatch(line), line
+    assert any(re.fullmatch(r"\[rayllm\] train pretrain  step 60/60  .+", line) for line in ours), ours
+    named = re.search(r"^demo finished in \d+ s; artifacts under \S+; log (\S+)$", out, re.M)
+    assert named, out[-2000:]
+    log = Path(named.group(1)).read_text()
+    # Ray's own, the forwarded output of Ray Train's workers, DeepSpeed in them, and vLLM in Serve's replicas
+    for source in ("Started a local Ray instance", "(RayTrainWorker pid=", "DeepSpeed", "vLLM"):
+        assert source in log, source
+    assert "(RayTrainWorker pid=" not in out
