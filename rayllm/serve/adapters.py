@@ -30,6 +30,7 @@ from rayllm.registry.names import AdapterRef, InvalidNameError, RegistryError, v
 from rayllm.registry.resolve import Target, pick
 from rayllm.serve.errors import ServeError
 from rayllm.serve.protocol import AdapterSpec
+from rayllm.serve.runtime_adapters import RuntimeAdapter, RuntimeAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +89,15 @@ class AdapterCatalog:
 
     def __init__(self, base_name: str, folders: dict[str, str] | None = None, registry_root: str | None = None,
                  refresh_s: float = 1.0, rng: random.Random | None = None, cache_size: int = 1024,
-                 names_ttl_s: float = 1.0):
+                 names_ttl_s: float = 1.0, runtime: RuntimeAdapters | None = None,
+                 lora_roots: tuple[str, ...] | None = None):
         self.base_name = base_name
-        self.folders: dict[str, AdapterSpec] = {
+        self.folders: dict[str, AdapterSpec] = {  # serve.adapters; see served_folders() for what is served
             check_adapter_name(n): AdapterSpec(n, src, generation=0) for n, src in (folders or {}).items()
         }
+        self.runtime = runtime or RuntimeAdapters(None)
+        self.lora_roots = lora_roots  # None: not re-checked (the record was written by this process)
+        self._served: tuple[Any, dict[str, AdapterSpec]] = (None, {})
         self.registry_root = registry_root
         self._registry: Any = None
         self._rng = rng or random.Random()
@@ -132,8 +137,10 @@ class AdapterCatalog:
             raise self._not_found(model) from None
         if scope is not None and not scope.allows(ref.name):
             raise self._not_found(model)
-        if ref.version is None and ref.alias is None and ref.name in self.folders:
-            return self.folders[ref.name]
+        if ref.version is None and ref.alias is None:
+            folder = self.served_folders().get(ref.name)
+            if folder is not None:
+                return folder
         if self.registry is None or ref.name not in await self._registry_names():
             raise self._not_found(model)
         targets = self._cache.get(ref)
@@ -210,20 +217,50 @@ class AdapterCatalog:
         return ServeError(404, f"The model `{model}` does not exist.", "model", "NotFoundError")
 
     # -- the load / unload routes ----------------------------------------------------------
+    def served_folders(self) -> dict[str, AdapterSpec]:
+        """Plain adapters served by name: serve.adapters less those unloaded, plus the runtime-loaded
+        ones, as every replica sees them (runtime_adapters.py)."""
+        state = self.runtime.current()
+        if state is not self._served[0]:
+            served = {n: s for n, s in self.folders.items() if n not in state.unloaded}
+            for name, entry in state.adapters.items():
+                if self._still_allowed(name, entry.spec.source):
+                    served[name] = entry.spec
+            self._served = (state, served)
+        return self._served[1]
+
+    def _still_allowed(self, name: str, source: str) -> bool:
+        if self.lora_roots is None:
+            return True
+        from rayllm.serve.folders import check_lora_path
+
+        try:
+            check_lora_path(source, self.lora_roots)
+        except ServeError:
+            logger.warning("runtime-loaded adapter %s is not served: its folder is outside serve.lora_roots", name)
+            return False
+        return True
+
     def add_folder(self, name: str, source: str, replace: bool) -> AdapterSpec:
         name = check_adapter_name(name)
         if name == self.base_name:
             raise ServeError(400, f"lora_name '{name}' is the base model's name", "lora_name")
-        if name in self.folders and not replace:
+        if name in self.served_folders() and not replace:
             raise ServeError(400, f"adapter '{name}' is already loaded; set load_inplace: true to replace it", "lora_name")
-        # A generation that only grows (also across ingress restarts) marks the newer weights.
+        # A generation that only grows (also across replicas and restarts) marks the newer weights.
         return AdapterSpec(name, source, generation=time.time_ns())
 
-    def commit_folder(self, spec: AdapterSpec) -> None:
-        self.folders[spec.name] = spec
+    async def commit_folder(self, spec: AdapterSpec, scope: Any, replace: bool) -> None:
+        """Record a loaded folder for every replica; `scope` (auth.Scope, None: the global admin) loaded it."""
+        tenant = scope.tenant if scope is not None else None
+        entry = RuntimeAdapter(spec, f"tenant:{tenant}" if tenant else "admin", tenant, time.time())
+        await asyncio.to_thread(self.runtime.record, entry, replace)
 
-    def remove_folder(self, name: str) -> AdapterSpec | None:
-        return self.folders.pop(name, None)
+    async def remove_folder(self, name: str) -> bool:
+        """Stop serving the folder adapter `name` on every replica; False when none was served."""
+        if name not in self.served_folders() and name not in self.runtime.current().adapters:
+            return False
+        return await asyncio.to_thread(self.runtime.remove, name, name in self.folders)
 
     # -- /v1/models -----------------------------------------------------------------------------
     # Cards name models only: no folder, bucket or registry path reaches a caller.
@@ -236,7 +273,8 @@ class AdapterCatalog:
 
     async def _all_cards(self) -> list[dict[str, Any]]:
         cards: list[dict[str, Any]] = [{"id": self.base_name, "object": "model", "owned_by": "rayllm", "root": self.base_name}]
-        for name, spec in sorted(self.folders.items()):
+        folders = self.served_folders()
+        for name, spec in sorted(folders.items()):
             cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name, "root": name})
         if self.registry is not None:
             listed = self._cache.get("list")
@@ -246,7 +284,7 @@ class AdapterCatalog:
             for resolved, aliases in listed:
                 by_name.setdefault(resolved.name, []).append((resolved, aliases))
             for name, rows in by_name.items():  # per name: newest, each version, each alias
-                if name not in self.folders:
+                if name not in folders:
                     cards.append({"id": name, "object": "model", "owned_by": "rayllm", "parent": self.base_name,
                                   "adapter": name, "version": f"v{rows[-1][0].version}"})
                 aliases = {a.ref: a for _, row_aliases in rows for a in row_aliases}

@@ -132,9 +132,12 @@ class _LLMServerWithRoutes(_LLMServer):
 
 def catalog_for(cfg: ServeConfig, registry_root: str | None) -> Any:
     from rayllm.serve.adapters import AdapterCatalog
+    from rayllm.serve.runtime_adapters import RuntimeAdapters
 
+    runtime = RuntimeAdapters(Path(cfg.state_dir) / f"{cfg.app_name}.adapters.json" if cfg.state_dir else None)
     return AdapterCatalog(cfg.served_model_name, cfg.adapters, registry_root, cfg.registry_refresh_s,
-                          cache_size=cfg.limits.model_cache_size, names_ttl_s=cfg.limits.unknown_model_cache_s)
+                          cache_size=cfg.limits.model_cache_size, names_ttl_s=cfg.limits.unknown_model_cache_s,
+                          runtime=runtime, lora_roots=tuple(cfg.lora_roots))
 
 
 def _frontend(cfg: ServeConfig, catalog: Any, backend: Any) -> Any:
@@ -228,6 +231,10 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
     stage folders, so a restart does not download every version again.
     """
     cfg = servable_config(cfg)
+    # One record of runtime-loaded adapters per deploy, fixed in the replicas' arguments: a restarted
+    # replica reads the same one, a new deploy starts from the config again.
+    state = str(Path(cfg.state_dir).expanduser().resolve()) if cfg.state_dir else tempfile.mkdtemp(prefix="rayllm-serve-state-")
+    cfg = cfg.model_copy(update={"state_dir": state})
     root = _registry_root(registry_path)
     cache = None if cfg.stage_dir or not registry_cache_dir else str(Path(registry_cache_dir).expanduser().resolve())
     if cfg.allow_unauthenticated and not is_loopback(cfg.host) and not Keys.from_config(cfg.api_keys, None, tenants=cfg.tenants).guarded:

@@ -275,9 +275,14 @@ def build_app(front: Frontend) -> FastAPI:
         if not isinstance(path, str) or not path:
             raise ServeError(400, "lora_path must be a non-empty string (a local folder or an s3:// URL)", "lora_path")
         check_lora_path(path, front.lora_roots)
-        spec = front.catalog.add_folder(name, path, replace=bool(data.get("load_inplace")))
+        replace = bool(data.get("load_inplace"))
+        spec = front.catalog.add_folder(name, path, replace=replace)
         await front.backend.load(spec)  # validates (fingerprint, rank) and loads; raises on failure
-        front.catalog.commit_folder(spec)
+        try:
+            await front.catalog.commit_folder(spec, scope, replace)  # from now on every replica serves it
+        except ServeError:  # the name was loaded through another replica meanwhile: its weights stay
+            await front.backend.unload(spec.name)
+            raise
         return Response(f"Success: LoRA adapter '{spec.name}' added successfully.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")
@@ -288,8 +293,8 @@ def build_app(front: Frontend) -> FastAPI:
         require_own_adapter(scope, name)
         if not isinstance(name, str) or not name:
             raise ServeError(400, "lora_name must be a non-empty string", "lora_name")
-        folder = front.catalog.remove_folder(name)  # new requests stop resolving to it right away
-        if folder is None and not _is_version(name):  # a registry version is unloaded from the engine only
+        served = await front.catalog.remove_folder(name)  # new requests stop resolving to it, on every replica
+        if not served and not _is_version(name):  # a registry version is unloaded from the engine only
             raise ServeError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
         await front.backend.unload(name)  # returns once its in-flight requests finished
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")

@@ -31,6 +31,7 @@ class Stack:
     world: World
     registry: object
     tokenizer: object
+    state_dir: Path
 
     def client(self):
         import openai
@@ -75,11 +76,11 @@ def stack(tmp_path_factory, _shared_ray):
         max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5,
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
         preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN, playground=True,
-        lora_roots=[str(tmp_path_factory.getbasetemp()), str(Path(world.adapters["a"]).parent)],
+        lora_roots=[str(tmp_path_factory.getbasetemp()), str(Path(world.adapters["a"]).parent)], state_dir=str(root / "state"),
     )
     _shared_ray.ensure()
     with serve_app(cfg, str(root / "registry")) as url:
-        yield Stack(url, world, registry, AutoTokenizer.from_pretrained(world.base))
+        yield Stack(url, world, registry, AutoTokenizer.from_pretrained(world.base), root / "state")
 
 
 @pytest.mark.timeout(240, func_only=True)
@@ -276,6 +277,37 @@ def test_hot_swap_under_load(stack, tmp_path):
         allowed = {expected[epochs[e]] for e in range(start, end + 1)}  # reloads that completed while it ran
         assert text in allowed, (text, start, end)
     assert {text for m, _, text, _, _ in hot} == set(expected.values())  # both weights really served
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_runtime_loads_reach_every_ingress_replica_through_the_shared_record(stack):
+    """What the load and unload routes do is recorded in serve.state_dir, and what another ingress
+    replica recorded there (written here as its load route writes it) is listed and served by this
+    one, the LLM replica loading it on first use; an unload recorded elsewhere stops it here."""
+    from rayllm.serve.protocol import AdapterSpec
+    from rayllm.serve.runtime_adapters import RuntimeAdapter, RuntimeAdapters
+
+    record = RuntimeAdapters(stack.state_dir / "rayllm.adapters.json")
+
+    def ids() -> set[str]:
+        return {m["id"] for m in requests.get(f"{stack.url}/v1/models", headers=AUTH, timeout=10).json()["data"]}
+
+    r = stack.post("/v1/load_lora_adapter", {"lora_name": "shared-a", "lora_path": str(stack.world.adapters["a"])},
+                   headers=ADMIN_AUTH)
+    assert r.status_code == 200, r.text
+    loaded = record.current().adapters["shared-a"]
+    assert (loaded.spec.source, loaded.loaded_by, loaded.tenant) == (str(stack.world.adapters["a"]), "admin", None)
+
+    elsewhere = AdapterSpec("shared-b", str(stack.world.adapters["b"]), generation=time.time_ns())
+    record.record(RuntimeAdapter(elsewhere, "admin", None, time.time()), replace=False)
+    assert {"shared-a", "shared-b"} <= ids()
+    assert stack.greedy("shared-b", PROMPTS[0]) == ("shared-b", stack.greedy("b", PROMPTS[0])[1])
+    assert stack.greedy("shared-a", PROMPTS[0]) == ("shared-a", stack.greedy("a@v1", PROMPTS[0])[1])
+
+    record.remove("shared-b", configured=False)
+    assert "shared-b" not in ids() and stack.post("/v1/completions", {"model": "shared-b", "prompt": "x"}).status_code == 404
+    assert stack.post("/v1/unload_lora_adapter", {"lora_name": "shared-a"}, headers=ADMIN_AUTH).status_code == 200
+    assert "shared-a" not in record.current().adapters and "shared-a" not in ids()
 
 
 @pytest.mark.timeout(240, func_only=True)
