@@ -132,14 +132,11 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path, 
     unique = _dedup(kept, n_kept, cleaned.num_blocks()) if cfg.dedup else kept
     unique = unique.materialize()
     n_unique = unique.count()
-    pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors)
+    pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors, unique.num_blocks())
     phase("tokenizer", n_unique)
 
     tokenizer_dir = stage / "tokenizer"
-    source = _tokenizer(cfg, unique, n_unique, tokenizer_dir)
-    from rayllm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
+    source, tok = _tokenizer(cfg, unique, n_unique, tokenizer_dir)
     if cfg.mode in ("sft", "preference"):
         unique = _render_drop_long(unique, cfg, str(tokenizer_dir), rejects, pool)
     split_stats = {}
@@ -178,11 +175,14 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path, 
     }
 
 
-def use_actor_pool(rows: int, batch_size: int, num_actors: int) -> bool:
+def use_actor_pool(rows: int, batch_size: int, num_actors: int, blocks: int | None = None) -> bool:
     """An actor pool starts `num_actors` processes that each load the tokenizer before the first
     batch; it repays that only when its actors get more than one batch each. Fewer rows run as plain
-    tasks on the worker processes Ray already has (one tokenizer per process, kept between tasks)."""
-    return rows > batch_size * num_actors
+    tasks on the worker processes Ray already has (one tokenizer per process, kept between tasks).
+    An actor is handed whole blocks, so input in one block (what dedup leaves of anything under
+    100,000 rows) keeps one actor busy however many rows it holds: a task does the same batches
+    without the seconds an actor takes to start. Real datasets come in many blocks and get the pool."""
+    return rows > batch_size * num_actors and (blocks is None or blocks > 1)
 
 
 def _map_stage(ds, cls: type, init: dict[str, Any], cfg: DataConfig, batch_size: int, pool: bool):
@@ -289,7 +289,9 @@ def _tokenizer_texts(unique, n_unique: int, cfg: DataConfig) -> Iterator[str]:
                     yield content
 
 
-def _tokenizer(cfg: DataConfig, unique, n_unique: int, out_dir: Path) -> str:
+def _tokenizer(cfg: DataConfig, unique, n_unique: int, out_dir: Path) -> tuple[str, Any]:
+    """The tokenizer saved in out_dir, how it was made, and the tokenizer itself (reloading it
+    through AutoTokenizer would import transformers' model registry: seconds, for ids we hold)."""
     if cfg.tokenizer.path:
         from rayllm.data.tokenizer import load_tokenizer
 
@@ -299,11 +301,11 @@ def _tokenizer(cfg: DataConfig, unique, n_unique: int, out_dir: Path) -> str:
 
             tok.chat_template = cfg.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         tok.save_pretrained(str(out_dir))
-        return f"copied from {cfg.tokenizer.path}"
-    from rayllm.data.tokenizer import train_tokenizer
+        return f"copied from {cfg.tokenizer.path}", tok
+    from rayllm.data.tokenizer import checked, train_tokenizer
 
-    train_tokenizer(_tokenizer_texts(unique, n_unique, cfg), cfg.tokenizer, out_dir)
-    return "byte-level BPE trained on the train split"
+    tok = train_tokenizer(_tokenizer_texts(unique, n_unique, cfg), cfg.tokenizer, out_dir)
+    return "byte-level BPE trained on the train split", checked(tok, out_dir)
 
 
 def _block_too_long(block: dict[str, np.ndarray], seq_len: int, limit: int):

@@ -42,7 +42,11 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    return checked(AutoTokenizer.from_pretrained(str(path)), path)
+
+
+def checked(tok: Any, path: str | Path) -> Any:
+    """`tok` with a pad token, or an error when it has no eos token (the one loaded from `path`)."""
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos token; packing needs one between documents")
     if tok.pad_token_id is None:

@@ -1,6 +1,7 @@
 """`prepare` on a real local Ray: exact accounting of rows, rejects, duplicates and tokens."""
 
 import json
+import random
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,7 +9,7 @@ import pytest
 
 from rayllm.config.data import DataConfig
 from rayllm.data.prepare import PrepareError, run
-from tests.ray.corpus import write_pretrain_corpus, write_sft_corpus
+from tests.ray.corpus import sentence, write_pretrain_corpus, write_sft_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -91,3 +92,31 @@ def test_sft_masks_and_rejects(tmp_path, ray_local):
     assert "Question 1:" not in trained and "Prompt 0:" not in trained and "<|im_start|>" not in trained
     assert "Question 1:" in untrained and "<|im_start|>assistant" in untrained
     assert trained.count("<|im_end|>") == 30 * 2 + 30  # every assistant turn ends in a trained end token
+
+
+def test_one_block_is_tokenized_by_tasks_into_the_same_sequences_as_an_actor_pool(tmp_path, ray_local, monkeypatch):
+    import rayllm.data.prepare as prepare
+
+    # One file, as the demo's corpus: rows keep the file's order (a union of several files orders its
+    # rows as the reads finish, and packing follows row order).
+    rng = random.Random(0)
+    lines = [sentence(rng) for _ in range(300)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines + lines[:5]) + "\n")
+    base = dict(inputs=[str(tmp_path / "corpus.txt")], text_unit="line", seq_len=64, val_fraction=0.2,
+                batch_size=7, tokenizer={"vocab_size": 400})  # 7: many batches, so rows alone would ask for a pool
+    chosen, decide = [], prepare.use_actor_pool
+    monkeypatch.setattr(prepare, "use_actor_pool", lambda *args: chosen.append(decide(*args)) or chosen[-1])
+    tasks = run(DataConfig(output_dir=str(tmp_path / "tasks"), **base))
+    assert chosen == [False]  # dedup leaves 300 rows in one block
+    monkeypatch.setattr(prepare, "use_actor_pool", lambda *args: True)
+    pool = run(DataConfig(output_dir=str(tmp_path / "pool"), **base))
+
+    def same(m):
+        return {k: v for k, v in m.items() if k not in ("output_dir", "tokenizer_path", "rejects_file", "config", "config_hash", "seconds")}
+
+    assert same(tasks) == same(pool)
+    assert tasks["duplicates_removed"] == 5
+    for split in ("train", "val"):  # the same sequences; their order in a shard follows the order blocks stream in
+        rows = [sorted(map(str, read_split(tmp_path / name / split).to_pylist())) for name in ("tasks", "pool")]
+        assert rows[0] and rows[0] == rows[1]
+    assert (tmp_path / "tasks" / "tokenizer" / "tokenizer.json").read_bytes() == (tmp_path / "pool" / "tokenizer" / "tokenizer.json").read_bytes()
