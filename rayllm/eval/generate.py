@@ -17,7 +17,6 @@ rendered on the driver.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,25 +27,12 @@ class VLLMGenerator:
     """A Ray Data actor: one vLLM engine, greedy generation of a batch of rendered prompts."""
 
     def __init__(self, model_dir: str, engine: dict, lora: bool):
-        import torch
+        from rayllm.vllm_offline import offline_llm
 
-        from rayllm.dtypes import resolve_dtype
-
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine["kv_cache_gib"])
-        if engine["in_process"]:
-            # The engine core and its worker in this actor: no two more processes to spawn, each importing
-            # vLLM again (about 20 s of a 35 s start for a tiny model on 2 cores).
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
-
-        dtype = engine["dtype"] if on_gpu else resolve_dtype(engine["dtype"], use_gpu=False, key="eval.engine.dtype")
-        kwargs: dict[str, Any] = {"enable_lora": True, "max_lora_rank": engine["max_lora_rank"], "max_loras": 4} if lora else {}
-        if engine["in_process"]:
-            kwargs["distributed_executor_backend"] = "uni"
-        self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=engine["max_model_len"], enforce_eager=engine["enforce_eager"],
-                       seed=0, disable_log_stats=True, **kwargs)
+        lora_args: dict[str, Any] = {"enable_lora": True, "max_lora_rank": engine["max_lora_rank"], "max_loras": 4} if lora else {}
+        self.llm = offline_llm(model_dir, dtype=engine["dtype"], dtype_key="eval.engine.dtype", kv_cache_gib=engine["kv_cache_gib"],
+                               max_model_len=engine["max_model_len"], enforce_eager=engine["enforce_eager"],
+                               in_process=engine["in_process"], seed=0, **lora_args)
         self.lora_ids: dict[str, int] = {}
 
     def _lora(self, path: str):

@@ -16,7 +16,6 @@ actor and the training workers take turns on the cores instead of fighting for t
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -85,21 +84,13 @@ class RolloutEngine:
     ids the engine holds, so a caller can tell an adapter swap from an engine restart."""
 
     def __init__(self, base_dir: str, rollout: dict, max_lora_rank: int, seed: int):
-        import torch
+        from rayllm.vllm_offline import offline_llm
 
-        from rayllm.dtypes import resolve_dtype
-
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout["kv_cache_gib"])
-        # The engine core and its worker in this actor: no two more processes, each importing vLLM again.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
-
-        dtype = rollout["dtype"] if on_gpu else resolve_dtype(rollout["dtype"], use_gpu=False, key="train.grpo.rollout.dtype")
-        self.llm = LLM(model=base_dir, dtype=dtype, max_model_len=rollout["max_model_len"], enforce_eager=rollout["enforce_eager"],
-                       seed=seed, disable_log_stats=True, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
-                       distributed_executor_backend="uni")
+        # In-process (no engine-core subprocess): between generate calls the engine is idle.
+        self.llm = offline_llm(base_dir, dtype=rollout["dtype"], dtype_key="train.grpo.rollout.dtype",
+                               kv_cache_gib=rollout["kv_cache_gib"], max_model_len=rollout["max_model_len"],
+                               enforce_eager=rollout["enforce_eager"], in_process=True, seed=seed,
+                               enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         self.engine_id = uuid.uuid4().hex[:12]
         self.current: int | None = None
 
