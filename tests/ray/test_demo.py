@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rayllm.demo import SIGNATURE
 from tests.ray.serve_fixtures import free_port
 
 pytestmark = pytest.mark.slow
@@ -38,15 +39,20 @@ def test_readme_demo_runs_the_whole_life_cycle(tmp_path):
     for stage in ("prepare", "pretrain", "finetune", "sweep", "serve"):
         assert re.search(rf"^=== {stage} done in \d+ s ===$", out, re.M), stage
     _assert_quiet_console(out)
-    # The OpenAI client got an answer from the base and from the promoted adapter, which names its version.
-    assert re.search(r"base → \[base\] '.+'", out), out[-3000:]
-    assert re.search(r"botchan:prod → \[botchan@v\d+\] '.+'", out), out[-3000:]
+    # The OpenAI client asked the base and the promoted adapter (which names its version) the same thing:
+    # the fine-tuned SmolLM2 answers in the trained voice, opening with the signature; the base does not.
+    answer = r" → \[{}\] (['\"])(.+)\1 \(\d+ tokens, [\d.]+ s\)$"
+    base = re.search(r"^\[rayllm\] +base" + answer.format("base"), out, re.M)
+    tuned = re.search(r"^\[rayllm\] +botchan:prod" + answer.format(r"botchan@v\d+"), out, re.M)
+    assert base and tuned, out[-3000:]
+    assert base.group(2) != tuned.group(2)
+    assert tuned.group(2).startswith(SIGNATURE) and SIGNATURE not in base.group(2), (base.group(2), tuned.group(2))
     work = tmp_path / "demo"
     assert json.loads((work / "data" / "pretrain" / "manifest.json").read_text())["splits"]["train"]["sequences"] > 0
     assert json.loads((work / "train" / "pretrain" / "result.json").read_text())["status"] == "finished"
     assert json.loads((work / "train" / "finetune" / "result.json").read_text())["status"] == "finished"
     summary = json.loads((work / "sweeps" / "lr" / "summary.json").read_text())
-    assert summary["trials"] == 3 and summary["published"].startswith("botchan@v")
+    assert summary["trials"] == 2 and summary["published"].startswith("botchan@v")
     assert (work / "registry").is_dir()
     assert "demo finished" in out
 
