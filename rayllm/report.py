@@ -131,6 +131,8 @@ def _run(folder: Path) -> tuple[str, str]:
                      ("learning rate", {"lr": _series(steps, "lr")}),
                      ("tokens/s", {"tokens/s": _series(steps, "tokens_per_s")}),
                      ("peak memory (GiB)", {"peak": _series(steps, "peak_mem_gib")})])]
+    if any("reward_mean" in r for r in steps):
+        body += ["<h2>GRPO</h2>", _grpo_figure(steps, evals)]
     if evals:
         body += ["<h2>Evaluations</h2>", _table(["step", *val_keys], [[e["step"], *(e.get(k) for k in val_keys)] for e in evals])]
     rollbacks = [r for r in records if r.get("event") == "rollback"]
@@ -142,6 +144,16 @@ def _run(folder: Path) -> tuple[str, str]:
     if (folder / "config.yaml").is_file():
         body += ["<h2>Config</h2>", f"<pre>{html.escape((folder / 'config.yaml').read_text())}</pre>"]
     return f"Training run {folder.name}", "".join(body)
+
+
+def _grpo_figure(steps: list[dict], evals: list[dict]) -> str:
+    """A GRPO run's iterations: reward per reward function (and held-out), KL, clip fraction, completion length."""
+    names = sorted({k.split("/", 1)[1] for r in steps for k in r if k.startswith("reward/")})
+    rewards = {"total": _series(steps, "reward_mean"), **{n: _series(steps, f"reward/{n}") for n in names},
+               "held-out": _series(evals, "val_reward")}
+    return _figure([("reward", rewards), ("KL", {"kl": _series(steps, "kl")}),
+                    ("clip fraction", {"clipped": _series(steps, "clip_fraction")}),
+                    ("completion length", {"tokens": _series(steps, "completion_length")})], xlabel="iteration")
 
 
 def _sweep(folder: Path) -> tuple[str, str]:

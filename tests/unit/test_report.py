@@ -86,3 +86,19 @@ def test_the_run_report_renders_in_headless_chromium(tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000  # a page with plots, not blank
     dom = subprocess.run([*args, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=90, check=True).stdout
     assert "Training run run" in dom and "val perplexity" in dom
+
+
+def test_a_grpo_run_report_plots_reward_per_function_kl_clip_fraction_and_length(tmp_path):
+    run = tmp_path / "grpo"
+    run.mkdir()
+    records = [{"event": "eval", "step": 0, "val_reward": 0.1}]
+    for step in range(1, 7):
+        records.append({"step": step, "loss": 0.01, "lr": 1e-3, "reward_mean": 0.1 * step, "reward/exact_match": 0.05 * step,
+                        "reward/format": 0.5, "kl": 0.001 * step, "clip_fraction": 0.02, "completion_length": 12.0})
+    records.append({"event": "eval", "step": 6, "val_reward": 0.4})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = build(run).read_text()
+    assert "<h2>GRPO</h2>" in page and page.count("data:image/png;base64,") == 2
+    assert "alt='reward, KL, clip fraction, completion length'" in page
+    # an lm run's page has no GRPO plot
+    assert "<h2>GRPO</h2>" not in build(_run_dir(tmp_path)).read_text()
