@@ -112,3 +112,96 @@ def test_prompt_logprob_rows_of_one_request_do_not_crash():
     torch.testing.assert_close(out, ref)
     with pytest.raises(RuntimeError, match="lm_head"):
         fix.bgmv_expand(x, w, out, batch_indices, add_inputs=True)
+
+
+def reference(x, w, idx):
+    """Per row: x[i] @ w[idx[i]].T, zero for rows without an adapter (fp32, one row at a time)."""
+    w = w.squeeze(1)
+    return torch.stack([x[i] @ w[s].T if s >= 0 else torch.zeros(w.shape[1]) for i, s in enumerate(idx.tolist())])
+
+
+PLANS = pytest.mark.parametrize("idx, kind", [
+    (torch.full((8,), -1), "none"),
+    (torch.full((8,), 5), "one"),
+    (torch.arange(8), "grouped"),  # decode: 8 requests on 8 adapters
+    (torch.tensor([3, -1, 3, 4, -1, 4, 3, 4]), "grouped"),  # decode with base rows
+    (torch.tensor([2] * 40 + [-1] * 20 + [7] * 4), "per_adapter"),  # prefill: long runs per adapter
+], ids=["all-base", "single adapter", "mixed decode", "mixed decode with base rows", "mixed prefill"])
+
+
+@PLANS
+def test_planned_shrink_and_expand_equal_the_per_row_reference(idx, kind):
+    from types import SimpleNamespace
+
+    rows = idx.shape[0]
+    g = torch.Generator().manual_seed(1)
+    x, a, b = torch.randn(rows, 16, generator=g), torch.randn(8, 1, 4, 16, generator=g), torch.randn(8, 1, 30, 4, generator=g)
+    punica = SimpleNamespace(token_lora_indices=idx, _rayllm_plan=fix._Plan(idx))
+    assert punica._rayllm_plan.kind == kind
+    buf = torch.zeros(rows, 4)
+    fix._shrink(punica, buf, x, a, 0.5)
+    torch.testing.assert_close(buf, 0.5 * reference(x, a, idx), rtol=1e-6, atol=1e-6)
+    y = torch.randn(rows, 40, generator=g)
+    for add in (True, False):
+        out = y.clone()
+        fix._expand_slice(punica, out, buf, b, 6, 30, add)
+        delta = reference(buf, b, idx)
+        want = y.clone()
+        has = idx >= 0
+        want[:, 6:36] = y[:, 6:36] + delta if add else torch.where(has[:, None], delta, y[:, 6:36])
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    out = y.clone()
+    fix._expand(punica, out, buf, b, True)  # the embedding path: no slice, output narrower than the weights
+    want = y.clone()
+    want[:, :30] += reference(buf, b, idx)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_plan_for_other_rows_falls_back_to_the_fixed_bgmv_ops():
+    from types import SimpleNamespace
+
+    x, w = tensors(rows=6)
+    idx = torch.tensor([0, -1, 2, 2, 1, -1])
+    punica = SimpleNamespace(token_lora_indices=idx, _rayllm_plan=fix._Plan(torch.arange(8)))
+    out = torch.zeros(6, 12)
+    fix._shrink(punica, out, x, w, 1.0)
+    torch.testing.assert_close(out, reference(x, w, idx), rtol=1e-6, atol=1e-6)
+
+
+def test_one_input_row_broadcast_to_every_index():
+    """vLLM's bgmv broadcast case: one input row, one index per output row."""
+    x, w = tensors(rows=1)
+    idx = torch.tensor([1, -1, 0])
+    out = torch.zeros(3, 12)
+    fix.bgmv_expand(x, w, out, idx, add_inputs=True)
+    torch.testing.assert_close(out, reference(x.expand(3, -1), w, idx))
+
+
+def test_vllm_punica_wrapper_builds_the_plan_once_per_mapping_and_uses_it():
+    """Through vLLM's own PunicaWrapperCPU: the metadata update makes the plan, add_lora_linear uses it
+    (a mixed decode batch on three adapters and base rows, qkv-like three slices) and matches vLLM's
+    ops on the rows with an adapter and leaves the base rows alone."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    fix.register()
+    punica = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    ids = (3, 0, 1, 2, 1, 0, 3, 3)  # lora ids per token; 0 = no adapter
+    punica.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2, 3, None], 4, 100)
+    plan = punica._rayllm_plan
+    assert plan.kind == "grouped" and plan.rows == 8
+    idx = punica.token_lora_indices
+    assert idx.tolist() == [2, -1, 0, 1, 0, -1, 2, 2]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 16, generator=g)
+    a = tuple(torch.randn(4, 1, 4, 16, generator=g) for _ in range(3))
+    b = tuple(torch.randn(4, 1, n, 4, generator=g) for n in (10, 5, 5))
+    y = torch.randn(8, 20, generator=g)
+    out = y.clone()
+    punica.add_lora_linear(out, x, a, b, 1.0, (10, 5, 5))
+    want, offset = y.clone(), 0
+    for ai, bi, n in zip(a, b, (10, 5, 5)):
+        want[:, offset: offset + n] += reference(reference(x, ai, idx), bi, idx)
+        offset += n
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[idx < 0], y[idx < 0])

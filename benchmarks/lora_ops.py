@@ -1,0 +1,92 @@
+"""CPU LoRA ops of one decode step: rayllm's grouped ops against vLLM's and rayllm's previous ones.
+
+    .venv/bin/python benchmarks/lora_ops.py          # a few seconds, no engine started
+
+SmolLM2-135M shapes (30 layers; qkv, o, gate_up, down projections), 8 adapter slots of rank 16
+(vLLM's max_lora_rank in serve_throughput), bf16 weights and activations as served on an AVX-512
+CPU, fp32 shrink buffer as vLLM allocates it; decode-shaped batches of 8 and 16 rows with no adapter,
+one adapter, and 8 adapters round-robin. `vllm`: vLLM's bgmv ops (one weight matrix gathered per
+token; wrong for rows without an adapter, timed anyway); `previous`: rayllm's fixed bgmv ops (the
+same gather for decode); `grouped`: the per-step plan (one bmm over the stacked weights). Prints
+ms per step and previous/grouped. Torch runs 1 thread, as vLLM-CPU does on 2 cores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _quiet import cpu_capability, note, window  # noqa: E402
+
+from rayllm.serve import lora_cpu_fix as fix  # noqa: E402
+
+LAYERS, SLOTS, RANK, HIDDEN = 30, 8, 16, 576
+PROJECTIONS = [(HIDDEN, (576, 192, 192)), (HIDDEN, (576,)), (HIDDEN, (1536, 1536)), (1536, (HIDDEN,))]
+
+
+def layer_weights(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [([torch.randn(SLOTS, 1, RANK, d_in, generator=g).to(dtype) for _ in outs],
+             [torch.randn(SLOTS, 1, d_out, RANK, generator=g).to(dtype) for d_out in outs], d_in, outs)
+            for d_in, outs in PROJECTIONS]
+
+
+def step(kind: str, weights, indices: torch.Tensor, dtype) -> None:
+    """One decode step's LoRA work: per projection, shrink each slice into an fp32 buffer, expand into y."""
+    rows = indices.shape[0]
+    punica = SimpleNamespace(token_lora_indices=indices, _rayllm_plan=fix._Plan(indices))
+    for a_slices, b_slices, d_in, outs in weights:
+        x, y = torch.ones(rows, d_in, dtype=dtype), torch.zeros(rows, sum(outs), dtype=dtype)
+        offset = 0
+        for a, b, d_out in zip(a_slices, b_slices, outs):
+            buf = torch.zeros(rows, RANK)
+            if kind == "grouped":
+                fix._shrink(punica, buf, x, a, 1.0)
+                fix._expand_slice(punica, y, buf, b, offset, d_out, True)
+            else:
+                ops = fix.ORIGINALS if kind == "vllm" else vars(fix)
+                ops["bgmv_shrink"](x, a, buf, indices, 1.0)
+                ops["bgmv_expand_slice"](buf, b, y, indices, offset, d_out, True)
+            offset += d_out
+
+
+def timed(kind: str, weights, indices, dtype, repeat: int) -> float:
+    for _ in range(2):
+        step(kind, weights, indices, dtype)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for _ in range(LAYERS):  # the layers share weights: their shapes, not their values, set the cost
+            step(kind, weights, indices, dtype)
+    return 1000 * (time.perf_counter() - t) / repeat
+
+
+def main() -> None:
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+
+    torch.set_num_threads(1)
+    fix.ORIGINALS.update({n: getattr(ops, n) for n in fix._PATCHED_NAMES if getattr(ops, n) is not getattr(fix, n)})
+    dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    cap = cpu_capability()
+    weights = layer_weights(dtype)
+    print(f"# lora_ops: SmolLM2-135M shapes, {LAYERS} layers, {SLOTS} slots of rank {RANK}, {dtype}, CPU capability {cap}")
+    print("| rows | traffic | vllm ms/step | previous ms/step | grouped ms/step | previous/grouped | machine |")
+    print("|---|---|---|---|---|---|---|")
+    for rows in (8, 16):
+        for traffic, indices in (("no adapter", torch.full((rows,), -1)), ("one adapter", torch.full((rows,), 3)),
+                                 ("8 adapters", torch.arange(rows) % SLOTS)):
+            with window(10.0) as w:
+                ms = {kind: timed(kind, weights, indices, dtype, 3) for kind in ("vllm", "previous", "grouped")}
+            f = w.figure(ms["grouped"])
+            print(f"| {rows} | {traffic} | {ms['vllm']:.1f} | {ms['previous']:.1f} | {ms['grouped']:.1f} | "
+                  f"**{ms['previous'] / ms['grouped']:.1f}x** | {note(f, cap)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
