@@ -31,3 +31,18 @@ def offline_llm(model_dir: str, *, dtype: str, dtype_key: str, kv_cache_gib: int
     resolved = dtype if on_gpu else resolve_dtype(dtype, use_gpu=False, key=dtype_key)
     return LLM(model=model_dir, dtype=resolved, max_model_len=max_model_len, enforce_eager=enforce_eager,
                seed=seed, disable_log_stats=True, **engine)
+
+
+def load_weights(llm, weights: dict[str, Any]) -> None:
+    """Put a full fine-tune's new weights (Hugging Face names, CPU tensors) into the running engine, as
+    TRL's colocate mode and OpenRLHF do. Through the worker's `reload_weights`, not the model's
+    `load_weights`: vLLM-CPU repacks linear weights after loading (their parameters lose the loader
+    that maps HF names onto the fused q/k/v, gate/up layers), and the reload restores that layout,
+    loads and repacks again. Cached prefixes were computed with the old weights: dropped."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True})
+    llm.reset_prefix_cache()
+
+
+def weight_checksum(llm, name: str) -> float:
+    """The sum of the engine's parameter `name` (a vLLM name), in float64: compares engine and trainer."""
+    return llm.apply_model(lambda model: float(dict(model.named_parameters())[name].double().sum()))[0]

@@ -93,7 +93,7 @@ class GrpoConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["lm", "dpo", "grpo"] = Field("lm", description="lm: next-token cross-entropy on pretrain or sft data (seq2seq for an encoder-decoder model); dpo: direct preference optimisation on a preference dataset (data.mode: preference); grpo: online RL, prompts (and reference answers) from an sft dataset, completions from vLLM rollout actors, rewards from code (LoRA only).")
+    objective: Literal["lm", "dpo", "grpo"] = Field("lm", description="lm: next-token cross-entropy on pretrain or sft data (seq2seq for an encoder-decoder model); dpo: direct preference optimisation on a preference dataset (data.mode: preference); grpo: online RL, prompts (and reference answers) from an sft dataset, completions from vLLM rollout actors, rewards from code (LoRA, or full fine-tuning with ZeRO <= 2 and beta 0).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="DPO settings, used when objective is dpo.")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO settings, used when objective is grpo; one iteration is one step (train.max_steps iterations).")
     dataset: str = Field(..., description="Prepared dataset folder (the output_dir of `rayllm prepare`, holding manifest.json).")

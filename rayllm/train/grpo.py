@@ -13,10 +13,12 @@ Why the workers drive: the policy's weights live there (DeepSpeed), so saving th
 and checkpoints, resume, the run store and metrics are the ones every objective uses. Prompts are
 ordered by `StreamOrder` over the prompt set and the checkpoint's cursor, so a resumed run asks the
 same prompts. Old log-probs are the trainer's own (vLLM's differ numerically; their gap is logged as
-`logp_gap_vllm`); with updates_per_batch 1 they equal the current ones, as TRL uses them. LoRA only:
+`logp_gap_vllm`); with updates_per_batch 1 they equal the current ones, as TRL uses them. With LoRA
 the reference is the base with the adapter disabled, and weights reach the engines as an adapter
-folder (a full fine-tune would need weights broadcast into the engines, not built). No loss-spike
-rollback: a policy-gradient loss has no level that a spike could be measured against.
+folder. A full fine-tune (no model.lora) sends its weights instead: rank 0's copy of every parameter
+(whole under ZeRO <= 2) goes into Ray's object store once and each engine loads it in place; it
+keeps no reference model, so beta must be 0. No loss-spike rollback: a policy-gradient loss has no
+level that a spike could be measured against.
 """
 
 from __future__ import annotations
@@ -51,16 +53,26 @@ class Grpo:
         self.cfg, self.spec, self.train, self.val = spec.train.grpo, spec, train, val
         self.scorer = Scorer(self.cfg.rewards, self.cfg.max_new_tokens)
         self.stop_ids, self.pad_id = stop_ids(tokenizer), tokenizer.pad_token_id or 0
-        self.pool = RolloutPool(spec.base_dir, self.cfg.rollout, spec.model.lora.rank, spec.train.seed) if rank == 0 else None
+        self.lora = spec.model.lora is not None
+        self.pool = RolloutPool(spec.base_dir, self.cfg.rollout, spec.model.lora.rank if self.lora else 0,
+                                spec.train.seed) if rank == 0 else None
         self.last_train: dict[str, float] = {}
         self._adapter: dict | None = None
 
     # ---- rank 0: the policy's adapter to the engines, rollouts, rewards ----
     def adapter(self, run: Run, version: int) -> dict:
-        """Save the policy as policy/v{version} (collective) and name it for the engines: a new LoRA id per version."""
+        """Save the policy as policy/v{version} (collective) and name it for the engines: a new LoRA id per version.
+        A full fine-tune's weights go into the engines instead (rank 0); the dict then names no adapter."""
         from rayllm.train import export
 
         if self._adapter is not None and self._adapter["version"] == version:  # saved for the evaluation just before
+            return self._adapter
+        if not self.lora:
+            self._adapter = {"name": None, "id": None, "path": None, "version": version}
+            if self.pool is not None:
+                weights = full_weights(run.engine)
+                self._adapter["sync"] = {**self.pool.load_weights(weights, version, [CHECKSUM_PARAM]),
+                                         "trainer_checksums": {CHECKSUM_PARAM: float(weights[CHECKSUM_PARAM].double().sum())}}
             return self._adapter
         path = run.store.local / "policy" / f"v{version}"
         export.save_adapter(run.engine, path, {"policy_version": version})
@@ -81,9 +93,10 @@ class Grpo:
         tokens = sum(len(comp["ids"]) for comp in completions)
         return {"prompt_ids": [p.prompt_ids[i] for i in owners], "completions": completions, "advantages": advantages,
                 "rewards": scores.total, "per_reward": scores.per_reward, "reward_errors": scores.errors,
-                "reward_last_error": scores.last_error, "versions": [adapter["version"]] * len(completions),
+                "reward_last_error": scores.last_error, "versions": [v for v in out["group_versions"] for _ in range(c.group_size)],
                 "engines": out["engines"], "lora_ids": out["lora_ids"], "loaded": out["loaded"], "tokens": tokens,
-                "gen_seconds": out["seconds"], "prompt_index": owners, "group_size": c.group_size}
+                "gen_seconds": out["seconds"], "prompt_index": owners, "group_size": c.group_size,
+                "actors_replaced": out["actors_replaced"]}
 
     def held_out(self, adapter: dict) -> dict[str, float]:
         """Greedy answers to the first eval_prompts val prompts, scored: val_reward and val_reward/<name> (rank 0)."""
@@ -164,6 +177,16 @@ class Grpo:
         return out
 
 
+# A parameter vLLM's Llama-family models keep under its Hugging Face name (q/k/v and gate/up are fused there).
+CHECKSUM_PARAM = "model.norm.weight"
+
+
+def full_weights(engine) -> dict:
+    """Rank 0's copy of the policy's weights as CPU tensors under Hugging Face names. Whole under ZeRO <= 2
+    (stage 3 shards them; preflight refuses it for a full-FT GRPO run)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
 def summary(batch: dict) -> dict[str, float]:
     """Reward and rollout figures of one batch (rank 0)."""
     lengths = [len(comp["ids"]) for comp in batch["completions"]]
@@ -207,11 +230,12 @@ def run_iterations(run: Run, state: ckpt.TrainState) -> tuple[ckpt.TrainState, d
             done = time.perf_counter()
             state.step, state.cursor = state.step + 1, state.cursor + 1
             g.last_train = {**figures, **(summary(batch) if run.rank == 0 else {})}
-            record = {"step": state.step, "policy_version": version, "lora_id": adapter["id"], **g.last_train,
+            record = {"step": state.step, "policy_version": version, "lora_id": adapter["id"], "prompts": prompts.tolist(), **g.last_train,
                       "lr": run.scheduler.get_last_lr()[0], "time/generation_s": train_start - gen_start,
                       "time/training_s": done - train_start, "time/other_s": carried + (gen_start - start)}
             if run.rank == 0:
-                record.update(engines=batch["engines"], engines_loaded=batch["loaded"], rollout_versions=sorted(set(batch["versions"])))
+                record.update(engines=batch["engines"], engines_loaded=batch["loaded"], rollout_versions=sorted(set(batch["versions"])),
+                              actors_replaced=batch["actors_replaced"], **adapter.get("sync", {}))
                 record["time/other_fraction"] = record["time/other_s"] / (done - start + carried)
                 for name, err in batch["reward_last_error"].items():
                     say(f"reward {name} failed {batch['reward_errors'][name]}× in iteration {version}: {err}")
@@ -259,9 +283,12 @@ def preflight_problems(cfg, manifest: dict) -> list[str]:
     if manifest.get("mode") != "sft":
         problems.append(f"train.objective: grpo reads prompts and reference answers from an sft dataset, but {cfg.train.dataset} "
                         f"was prepared with data.mode {manifest.get('mode')!r}; prepare it with data.mode: sft")
-    if cfg.model.lora is None:
-        problems.append("train.objective: grpo trains a LoRA adapter (model.lora): the engines take each new policy as an "
-                        "adapter, and the reference is the base with it disabled; add a model.lora section")
+    if cfg.model.lora is None and cfg.train.zero_stage == 3:
+        problems.append("train.objective: grpo without model.lora sends rank 0's whole weights to the engines, which ZeRO-3 "
+                        "shards (gathering them is not built); set train.zero_stage to 2 or less, or add model.lora")
+    if cfg.model.lora is None and cfg.train.grpo.beta:
+        problems.append(f"train.grpo.beta {cfg.train.grpo.beta} without model.lora needs a reference model, which a full-FT GRPO "
+                        "run does not keep (with LoRA it is the base, adapter disabled); set beta: 0 or add model.lora")
     if cfg.model.path is None:
         problems.append("train.objective: grpo needs model.path (a base model folder): the vLLM rollout engines load it")
     if cfg.model.quantization != "none":

@@ -16,6 +16,7 @@ actor and the training workers take turns on the cores instead of fighting for t
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -79,9 +80,11 @@ def common_prefix(seqs: list[list[int]]) -> list[int]:
 
 
 class RolloutEngine:
-    """A Ray actor: one vLLM engine for the base model, LoRA enabled; samples `n` completions per prompt
-    with the adapter it is handed. Each call reports the engine's id (fixed for its life) and the LoRA
-    ids the engine holds, so a caller can tell an adapter swap from an engine restart."""
+    """A Ray actor: one vLLM engine for the base model, LoRA enabled when `max_lora_rank` > 0; samples `n`
+    completions per prompt with the adapter it is handed, or, for a full fine-tune (an adapter without a
+    path), with the weights last loaded by `load_weights`. Each call reports the engine's id (fixed for
+    its life), the LoRA ids it holds and the policy version it sampled with, so a caller can tell an
+    adapter swap from an engine restart, and a stale engine from a fresh one."""
 
     def __init__(self, base_dir: str, rollout: dict, max_lora_rank: int, seed: int):
         from rayllm.vllm_offline import offline_llm
@@ -90,9 +93,21 @@ class RolloutEngine:
         self.llm = offline_llm(base_dir, dtype=rollout["dtype"], dtype_key="train.grpo.rollout.dtype",
                                kv_cache_gib=rollout["kv_cache_gib"], max_model_len=rollout["max_model_len"],
                                enforce_eager=rollout["enforce_eager"], in_process=True, seed=seed,
-                               enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+                               **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}))
         self.engine_id = uuid.uuid4().hex[:12]
         self.current: int | None = None
+        self.weights_version: int | None = None  # full fine-tune: the policy version of the weights loaded
+
+    def load_weights(self, weights: dict, version: int, checksum_params: list[str]) -> dict:
+        """Load a full fine-tune's weights (HF names, CPU tensors) into the running engine as `version`;
+        reports the sums of `checksum_params` (vLLM names) as the engine now holds them."""
+        from rayllm.vllm_offline import load_weights, weight_checksum
+
+        start = time.perf_counter()
+        load_weights(self.llm, weights)
+        self.weights_version = version
+        return {"engine": self.engine_id, "version": version, "seconds": time.perf_counter() - start,
+                "checksums": {name: weight_checksum(self.llm, name) for name in checksum_params}}
 
     def _swap(self, name: str, lora_id: int, path: str):
         """Make `path` the engine's only adapter, under `lora_id`."""
@@ -114,7 +129,7 @@ class RolloutEngine:
         makes a run's sampling repeatable from its start."""
         from vllm import SamplingParams
 
-        lora = self._swap(adapter["name"], adapter["id"], adapter["path"])
+        lora = self._swap(adapter["name"], adapter["id"], adapter["path"]) if adapter["path"] else None
         params = SamplingParams(n=n, logprobs=0, **sampling)
         start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, lora_request=lora, use_tqdm=False)
@@ -122,35 +137,85 @@ class RolloutEngine:
         groups = [[{"ids": list(c.token_ids), "text": c.text,
                     "vllm_logps": [next(iter(lp.values())).logprob if lp else 0.0 for lp in (c.logprobs or [])]}
                    for c in o.outputs] for o in outs]
+        loaded = sorted(self.llm.llm_engine.list_loras()) if lora else []
         return {"groups": groups, "seconds": seconds, "engine": self.engine_id, "lora_id": adapter["id"],
-                "version": adapter["version"], "loaded": sorted(self.llm.llm_engine.list_loras())}
+                "version": adapter["version"] if lora else self.weights_version, "loaded": loaded}
+
+
+class RolloutActorLost(RuntimeError):
+    """A rollout actor died again after it was replaced once in the same generation."""
 
 
 class RolloutPool:
     """The rollout actors of a run, created by rank 0 with resources from `train.grpo.rollout`. They
     are placed outside the training workers' placement group (whose bundles hold the workers' own
-    CPUs) and die with the worker that owns them, so a restarted run starts fresh engines."""
+    CPUs) and die with the worker that owns them, so a restarted run starts fresh engines. An actor
+    that dies is replaced (same resources) and its share of the generation asked once more; the new
+    engine takes the current policy from the adapter every call carries. `spawn(k)` makes actor k
+    (a test passes a fake; by default a Ray actor)."""
 
-    def __init__(self, base_dir: str, cfg: RolloutConfig, max_lora_rank: int, seed: int):
+    def __init__(self, base_dir: str, cfg: RolloutConfig, max_lora_rank: int, seed: int, spawn=None):
+        if spawn is None:
+            import ray
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            actor = ray.remote(RolloutEngine).options(
+                num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+            settings = cfg.model_dump()
+
+            def spawn(k: int):
+                return actor.remote(base_dir, settings, max_lora_rank, seed + k)
+        self._spawn = spawn
+        self.actors = [spawn(k) for k in range(cfg.num_actors)]
+        self.replaced = 0  # actors replaced over the pool's life
+        self._weights: tuple | None = None  # full fine-tune: (object ref, version, checksum param) last loaded
+
+    def load_weights(self, weights: dict, version: int, checksum_params: list[str]) -> dict:
+        """A full fine-tune's weights into every engine: one `ray.put` that every actor reads from the
+        object store (on a GPU cluster too; an NCCL broadcast is not built)."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        actor = ray.remote(RolloutEngine).options(
-            num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-        self.actors = [actor.remote(base_dir, cfg.model_dump(), max_lora_rank, seed + k) for k in range(cfg.num_actors)]
+        start = time.perf_counter()
+        self._weights = (ray.put(weights), version, checksum_params)
+        outs = ray.get([a.load_weights.remote(*self._weights) for a in self.actors])
+        return {"weights_sync_s": time.perf_counter() - start, "engine_checksums": [o["checksums"] for o in outs],
+                "engine_weight_versions": [o["version"] for o in outs]}
 
     def generate(self, prompt_ids: list[list[int]], adapter: dict, sampling: dict, n: int) -> dict:
         """Prompts split into contiguous parts, one per actor, answered in parallel; groups in prompt order."""
         import ray
+        from ray.exceptions import RayActorError
 
-        parts = np.array_split(np.arange(len(prompt_ids)), len(self.actors))
-        refs = [a.generate.remote([prompt_ids[i] for i in p], adapter, sampling, n)
-                for a, p in zip(self.actors, parts) if len(p)]
-        outs = ray.get(refs)
-        return {"groups": [g for o in outs for g in o["groups"]], "seconds": max(o["seconds"] for o in outs),
-                "engines": [o["engine"] for o in outs], "lora_ids": [o["lora_id"] for o in outs],
-                "versions": [o["version"] for o in outs], "loaded": [o["loaded"] for o in outs]}
+        parts = [(k, p) for k, p in enumerate(np.array_split(np.arange(len(prompt_ids)), len(self.actors))) if len(p)]
+
+        def ask(k: int, p: np.ndarray):
+            return self.actors[k].generate.remote([prompt_ids[i] for i in p], adapter, sampling, n)
+
+        refs = {k: ask(k, p) for k, p in parts}
+        outs: dict[int, dict] = {}
+        for k, p in parts:
+            try:
+                outs[k] = ray.get(refs[k])
+            except RayActorError as first:
+                with contextlib.suppress(Exception):  # already dead: nothing to end
+                    ray.kill(self.actors[k])
+                self.actors[k] = self._spawn(k)
+                self.replaced += 1
+                try:
+                    if self._weights is not None:  # a full fine-tune's current weights, before it samples
+                        ray.get(self.actors[k].load_weights.remote(*self._weights))
+                    outs[k] = ray.get(ask(k, p))
+                except RayActorError as second:
+                    raise RolloutActorLost(f"rollout actor {k} died ({first}) and its replacement died too ({second}) "
+                                           f"while generating with policy version {adapter['version']}; see the actors' "
+                                           "logs (memory: train.grpo.rollout.kv_cache_gib, max_model_len)") from second
+        ordered = [outs[k] for k, _ in parts]
+        return {"groups": [g for o in ordered for g in o["groups"]], "seconds": max(o["seconds"] for o in ordered),
+                "engines": [o["engine"] for o in ordered], "lora_ids": [o["lora_id"] for o in ordered],
+                "versions": [o["version"] for o in ordered], "loaded": [o["loaded"] for o in ordered],
+                "group_versions": [o["version"] for o in ordered for _ in o["groups"]],
+                "actors_replaced": self.replaced}
 
     def close(self) -> None:
         import ray

@@ -3,9 +3,12 @@ ZeRO-2), rollouts from one vLLM engine in a Ray actor, rewards from code. The re
 learnable (the share of digits in a completion, from a user function named by import path), so a few
 iterations at a high learning rate must raise it; a second user reward raises on some completions
 and must only be counted. The run's own records show each batch came from the policy version that
-trained on it, and each version reached the same engine under a new LoRA id."""
+trained on it, each version reached the same engine under a new LoRA id, and the prompts came in the
+order a resumed run recomputes from its checkpoint's cursor. The metrics reach W&B (offline) and
+report.html plots the rewards."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from rayllm.data.verifiable import problems
-from tests.ray.train_fixtures import read_metrics, train, train_tokenizer
+from tests.ray.train_fixtures import read_metrics, train, train_tokenizer, wandb_history
 
 pytestmark = pytest.mark.slow
 ITERATIONS = 12
@@ -70,13 +73,13 @@ def tiny_task(tmp_path):
     return base, _sft_dataset(tmp_path, records, tok)
 
 
-def grpo_config(base, dataset, out, iterations: int, eval_prompts: int = 8) -> dict:
+def grpo_config(base, dataset, out, iterations: int, eval_prompts: int = 8, **train_keys) -> dict:
     return {
         "model": {"path": str(base), "dtype": "float32", "lora": {"rank": 8, "alpha": 16}},
         "train": {"dataset": str(dataset), "output_dir": str(out), "run_name": "grpo", "objective": "grpo",
                   "num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 8, "max_steps": iterations,
                   "learning_rate": 2e-2, "lr_scheduler_type": "constant", "eval_every": iterations, "save_every": iterations,
-                  "logging_steps": 1, "max_failures": 0, "zero_stage": 2, "ingest": "files",
+                  "logging_steps": 1, "max_failures": 0, "zero_stage": 2, "ingest": "files", **train_keys,
                   "grpo": {"group_size": 4, "max_new_tokens": 8, "temperature": 1.0, "beta": 0.04, "updates_per_batch": 2,
                            "eval_prompts": eval_prompts,
                            "rewards": [{"kind": "function", "function": "tests.ray.test_train_grpo:digit_share"},
@@ -85,10 +88,21 @@ def grpo_config(base, dataset, out, iterations: int, eval_prompts: int = 8) -> d
     }
 
 
+def train_prompt_count(dataset) -> int:
+    from transformers import AutoTokenizer
+
+    from rayllm.train.data import PackedSplit
+    from rayllm.train.rollout import prompts_of
+
+    return len(prompts_of(PackedSplit.read(str(dataset), "train"), AutoTokenizer.from_pretrained(dataset / "tokenizer")))
+
+
 @pytest.mark.timeout(300)
 def test_grpo_raises_the_reward_with_fresh_adapters_on_one_engine(ray_local, tmp_path):
+    from rayllm.train.data import StreamOrder
+
     base, dataset = tiny_task(tmp_path)
-    result = train(grpo_config(base, dataset, tmp_path, ITERATIONS))
+    result = train(grpo_config(base, dataset, tmp_path, ITERATIONS, report_to=["jsonl", "wandb"]))
     assert result["status"] == "finished" and result["adapter_dir"], result
     records = read_metrics(tmp_path / "grpo")
     steps = [r for r in records if "event" not in r and "reward_mean" in r]
@@ -99,12 +113,15 @@ def test_grpo_raises_the_reward_with_fresh_adapters_on_one_engine(ray_local, tmp
     assert len({e for r in steps for e in r["engines"]}) == 1
     assert [r["lora_id"] for r in steps] == list(range(1, ITERATIONS + 1))
     assert all(r["engines_loaded"] == [[r["lora_id"]]] for r in steps)
-    # (c) the reward rises
-    first, last = np.mean([r["reward/digit_share"] for r in steps[:3]]), np.mean([r["reward/digit_share"] for r in steps[-3:]])
-    assert last > first + 0.15, [round(r["reward/digit_share"], 3) for r in steps]
+    # (c) the prompts follow the seeded order of the cursor, which the checkpoint keeps
+    order = StreamOrder(train_prompt_count(dataset), seed=0)
+    assert [r["prompts"] for r in steps] == [order.global_batch(s, 4).tolist() for s in range(ITERATIONS)]
+    # (d) the reward rises
+    first3, last3 = np.mean([r["reward/digit_share"] for r in steps[:3]]), np.mean([r["reward/digit_share"] for r in steps[-3:]])
+    assert last3 > first3 + 0.15, [round(r["reward/digit_share"], 3) for r in steps]
     # the raising reward only counted, scored 0
     assert sum(r["reward_errors/flaky"] for r in steps) > 0 and all(r["reward/flaky"] == 0 for r in steps)
-    # (d) the per-iteration fields
+    # (e) the per-iteration fields
     for key in ("reward_mean", "reward_std", "reward_std/digit_share", "kl", "clip_fraction", "completion_length",
                 "rollout_tokens_per_s", "time/generation_s", "time/training_s", "time/other_s", "loss", "logp_gap_vllm"):
         assert all(isinstance(r[key], (int, float)) for r in steps), key
@@ -112,3 +129,49 @@ def test_grpo_raises_the_reward_with_fresh_adapters_on_one_engine(ray_local, tmp
     evals = [r for r in records if r.get("event") == "eval"]
     assert [e["step"] for e in evals] == [0, ITERATIONS] and all("val_reward/digit_share" in e for e in evals)
     assert (tmp_path / "grpo" / "policy" / f"v{ITERATIONS}" / "adapter_model.safetensors").is_file()
+    # (f) W&B (offline) got every iteration's reward figures; report.html plots them
+    history = {row["_step"]: row for row in wandb_history(tmp_path / "grpo") if "reward_mean" in row}
+    assert sorted(history) == list(range(1, ITERATIONS + 1))
+    assert all(history[r["step"]]["reward/digit_share"] == pytest.approx(r["reward/digit_share"]) and
+               history[r["step"]]["kl"] == pytest.approx(r["kl"]) for r in steps)
+    page = (tmp_path / "grpo" / "report.html").read_text()
+    assert "<h2>GRPO</h2>" in page and "alt='reward, KL, clip fraction, completion length'" in page
+
+
+@pytest.mark.timeout(120)
+def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path):
+    """A full fine-tune's weights through the object store into the running vLLM engine of a rollout
+    actor (no restart): the engine then holds the trainer's parameters (a checksum, and greedy answers
+    equal to the trainer's model's, which needs every layer, q/k/v fused by vLLM included) and tags its
+    rollouts with the loaded version."""
+    from transformers import AutoModelForCausalLM
+
+    from rayllm.config.train import RolloutConfig
+    from rayllm.train.grpo import CHECKSUM_PARAM, full_weights
+    from rayllm.train.rollout import RolloutPool
+
+    base, _ = tiny_task(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pool = RolloutPool(str(base), RolloutConfig(num_actors=1, actor_cpus=1, max_model_len=128, dtype="float32"), 0, seed=0)
+    try:
+        greedy = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "stop_token_ids": [], "ignore_eos": True}
+        prompt, policy = [5, 6, 7, 8], {"name": None, "id": None, "path": None, "version": 1}
+        before = pool.generate([prompt], policy, greedy, 1)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        sync = pool.load_weights(full_weights(SimpleNamespace(module=model)), 1, [CHECKSUM_PARAM])
+        after = pool.generate([prompt], policy, greedy, 1)
+    finally:
+        pool.close()
+    state = model.state_dict()
+    assert before["engines"] == after["engines"], "the same engine, not a restarted one"
+    (sums,) = sync["engine_checksums"]
+    assert sync["engine_weight_versions"] == [1] and before["group_versions"] == [None] and after["group_versions"] == [1]
+    assert sums[CHECKSUM_PARAM] == pytest.approx(float(state[CHECKSUM_PARAM].double().sum()), rel=1e-6)
+    ids = list(prompt)
+    with torch.no_grad():  # the trainer's model, greedy: what the engine must now answer
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert after["groups"][0][0]["ids"] == ids[4:] != before["groups"][0][0]["ids"]

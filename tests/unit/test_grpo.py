@@ -203,8 +203,14 @@ def test_preflight_rules():
 
     cfg = parse_config({"model": {"hidden_size": 64}, **_grpo()})
     problems = preflight_problems(cfg, {"mode": "preference"})
-    assert len(problems) == 3
-    assert "data.mode: sft" in problems[0] and "model.lora" in problems[1] and "model.path" in problems[2]
+    assert len(problems) == 2
+    assert "data.mode: sft" in problems[0] and "model.path" in problems[1]
+    # a full fine-tune: weights to the engines from rank 0, so not sharded by ZeRO-3, and no reference model for a KL term
+    full = _grpo(grpo={"beta": 0.04})
+    full["train"]["zero_stage"] = 3
+    problems = preflight_problems(parse_config({"model": {"path": "base"}, **full}), {"mode": "sft"})
+    assert len(problems) == 2 and "zero_stage to 2" in problems[0] and "beta: 0" in problems[1]
+    assert preflight_problems(parse_config({"model": {"path": "base"}, **_grpo()}), {"mode": "sft"}) == []
     ok = parse_config({"model": {"path": "base", "lora": {"rank": 4}}, **_grpo()})
     assert preflight_problems(ok, {"mode": "sft"}) == []
     assert preflight_problems(parse_config({"model": {"hidden_size": 64}, "train": {"dataset": "d"}}), {"mode": "pretrain"}) == []
