@@ -69,6 +69,10 @@ class AdapterFolders:
         self._refused: dict[str, tuple[float, RegistryError]] = {}
         self._lock = threading.Lock()
 
+    def blocks(self, spec: AdapterSpec) -> bool:
+        """Whether `local(spec)` may hash or download (else it is a stat, fine on the event loop)."""
+        return spec.registry_root is not None or is_uri(spec.source)
+
     def local(self, spec: AdapterSpec) -> str:
         """A local folder with the adapter's files; raises ServeError(404) for a folder that is gone.
 

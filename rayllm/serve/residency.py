@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,13 +121,20 @@ class AdapterManager:
                 if pending:  # a stuck client must not block the new version forever; old goes on release
                     logger.warning("adapter %s: old version still busy after %.0fs, loading the new one anyway",
                                    spec.name, self.drain_timeout_s)
-            local = await asyncio.to_thread(self.folders.local, spec)
+            t0 = time.perf_counter()
+            if self.folders.blocks(spec):
+                local = await asyncio.to_thread(self.folders.local, spec)
+            else:  # a plain local folder is one stat: a thread hop would cost more than it saves
+                local = self.folders.local(spec)
             check_adapter(local, self.base_fingerprint, self.max_rank)
             await self._make_room()
             entry.path = self._stage(local, spec.name, entry.lora_id)
+            t1 = time.perf_counter()
             await self.engine.add_lora(spec.name, entry.lora_id, entry.path)
             entry.ready.set_result(None)
-            logger.info("loaded adapter %s (lora id %d) from %s", spec.name, entry.lora_id, spec.source)
+            t2 = time.perf_counter()
+            logger.info("loaded adapter %s (lora id %d) from %s: files %.1f ms, engine %.1f ms", spec.name, entry.lora_id,
+                        spec.source, 1000 * (t1 - t0), 1000 * (t2 - t1))
         except AdapterIncompatible as e:
             self._fail(entry, ServeError(400, f"adapter '{spec.name}' cannot be served on this base model: {e}", "model"))
         except ServeError as e:

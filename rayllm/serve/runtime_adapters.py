@@ -70,8 +70,7 @@ class RuntimeAdapters:
         if self.path is None:
             return self._state
         try:
-            st = os.stat(self.path)
-            seen = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            seen = _stat_key(self.path)
         except FileNotFoundError:
             seen = None
         if seen != self._seen or time.monotonic() - self._read_at > self.refresh_s:
@@ -108,9 +107,12 @@ class RuntimeAdapters:
             draft = _Draft(dict(state.adapters), set(state.unloaded))
             yield draft
             new = State(draft.adapters, frozenset(draft.unloaded))
+            seen = None
             if self.path is not None:
-                self._write(new)
-            self._state, self._seen, self._read_at = new, None, -float("inf")
+                seen = self._write(new)
+            # Under the lock the file is exactly `new`: this replica's next lookup (the first request
+            # on an adapter it just loaded) need not read it back.
+            self._state, self._seen, self._read_at = new, seen, time.monotonic()
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -143,7 +145,8 @@ class RuntimeAdapters:
             logger.error("runtime adapter record %s is unreadable (%s); serving the configured adapters only", self.path, e)
             return _EMPTY
 
-    def _write(self, state: State) -> None:
+    def _write(self, state: State) -> tuple:
+        """Replace the file with `state`; returns its stat as `current()` compares it."""
         assert self.path is not None
         data = {"format": FORMAT,
                 "adapters": {n: {"source": a.spec.source, "generation": a.spec.generation, "loaded_by": a.loaded_by,
@@ -152,6 +155,12 @@ class RuntimeAdapters:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex}")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.path)
+        return _stat_key(self.path)
+
+
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 @dataclass

@@ -137,3 +137,21 @@ def test_failed_load_leaves_others_and_can_be_retried(tmp_path):
         assert "broken" in m.engine.loras
 
     run(main())
+
+
+def test_a_local_folder_loads_without_a_thread_hop(tmp_path, monkeypatch):
+    """Hot-load latency: a plain folder is a stat, checked on the event loop; only registry
+    versions and s3:// folders (hashing, downloads) go to a thread."""
+    async def main():
+        m = manager(tmp_path)
+
+        async def no_thread(*a, **k):
+            raise AssertionError("a local folder went through asyncio.to_thread")
+
+        monkeypatch.setattr("rayllm.serve.residency.asyncio.to_thread", no_thread)
+        await m.load(spec(tmp_path, "a"))
+        assert "a" in m.engine.loras
+        assert m.folders.blocks(AdapterSpec("r@v1", str(tmp_path), registry_root=str(tmp_path)))
+        assert m.folders.blocks(AdapterSpec("s", "s3://bucket/adapters/s"))
+
+    run(main())

@@ -173,3 +173,19 @@ def test_each_application_reads_its_own_record_in_state_dir(tmp_path):
     cfg = parse_config({"serve": {"model": "/m", "state_dir": str(tmp_path), "app_name": "chat"}}).serve
     assert catalog_for(cfg, None).runtime.path == tmp_path / "chat.adapters.json"
     assert catalog_for(cfg.model_copy(update={"state_dir": None}), None).runtime.path is None
+
+
+def test_the_writing_replica_does_not_read_back_what_it_just_wrote(tmp_path, monkeypatch):
+    """The first request on an adapter this replica just loaded finds it without re-reading the
+    record; a write by another replica is still seen at the next lookup."""
+    path = tmp_path / "state" / "app.adapters.json"
+    mine, other = RuntimeAdapters(path), RuntimeAdapters(path)
+    spec = AdapterSpec("hot", str(tmp_path / "hot"), generation=1)
+    mine.record(RuntimeAdapter(spec, "admin", None, 0.0), replace=False)
+    reads = []
+    real_read = RuntimeAdapters._read
+    monkeypatch.setattr(RuntimeAdapters, "_read", lambda self: reads.append(self) or real_read(self))
+    assert "hot" in mine.current().adapters
+    assert reads == []
+    other.record(RuntimeAdapter(AdapterSpec("cold", str(tmp_path / "cold"), generation=2), "admin", None, 0.0), replace=False)
+    assert set(mine.current().adapters) == {"hot", "cold"}
