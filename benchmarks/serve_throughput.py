@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_throughput.py              # SmolLM2-135M, 8 adapters (~10 min)
     .venv/bin/python benchmarks/serve_throughput.py --quick      # the 2-layer test model (~4 min)
+    .venv/bin/python benchmarks/serve_throughput.py --hot-only   # adapter hot-load only, one round (~3 min)
 
 Same model, dtype, engine settings and load for both servers: `--requests` streaming completions
 of `--max-tokens` tokens at `--concurrency`, base-only traffic and traffic spread over 8 LoRA
@@ -34,7 +35,7 @@ from _quiet import WAIT_LIMIT, Figure, cpu_capability, note, ratio, window  # no
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.ray.serve_fixtures import build_adapter, cached_world, free_port, serve_app  # noqa: E402
+from tests.ray.serve_fixtures import build_adapter, cached_world, free_port  # noqa: E402
 
 
 def machine() -> str:
@@ -133,6 +134,33 @@ class PlainVLLM:
         self.log.close()
 
 
+class RayllmServe:
+    """`python -m rayllm serve CONFIG`, as a user starts the endpoint (its own local Ray, direct ingress)."""
+
+    def __init__(self, serve: dict, registry_root: Path, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / f"serve-{self.port}.yaml"
+        config.write_text(json.dumps({"serve": {**serve, "port": self.port}, "registry": {"path": str(registry_root)}}))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.log = open(workdir / f"rayllm-serve-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "rayllm", "serve", str(config)], env=env, cwd=workdir,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self):
+        wait_healthy(self.url, self.proc)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+        self.log.close()
+
+
 def hot_load(url: str, admin: dict, folder: Path, prompt: str) -> dict:
     import requests
 
@@ -175,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it, else fp32")
     ap.add_argument("--topologies", default="split,single", help="rayllm topologies to measure (serve.topology)")
+    ap.add_argument("--hot-only", action="store_true", help="measure adapter hot-load only (one round, no throughput loads)")
     ap.add_argument("--out", help="also write the results as JSON here")
     ap.add_argument("--wait-quiet", type=float, default=WAIT_LIMIT,
                     help=f"before each timed load, wait up to this many seconds for a quiet machine (default {WAIT_LIMIT:.0f})")
@@ -226,13 +255,18 @@ def main() -> None:
     registry_root = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-registry-{os.getpid()}"
     registry = Registry(str(registry_root))
     registry.publish("fresh", str(adapters["x7"]))
-    cfg = ServeConfig(model=str(base), dtype=dtype, max_model_len=512, max_loras=8, max_cpu_loras=10,
-                      max_lora_rank=16, adapters={n: str(p) for n, p in adapters.items()}, admin_key="bench",
-                      replica_cpus=1, lora_roots=[str(adapters["x3"].parent)])
+    serve = {"model": str(base), "dtype": dtype, "max_model_len": 512, "max_loras": 8, "max_cpu_loras": 10,
+             "max_lora_rank": 16, "adapters": {n: str(p) for n, p in adapters.items()}, "admin_key": "bench",
+             "replica_cpus": 1, "lora_roots": [str(adapters["x3"].parent)]}
+    ServeConfig.model_validate(serve)
     topologies = args.topologies.split(",")
     servers = ["vllm", *(f"rayllm-{t}" for t in topologies)]
     hot, hot_figs = {}, {}
-    for rnd in range(args.rounds):
+    rounds = 1 if args.hot_only else args.rounds
+    if args.hot_only:  # the state a throughput round leaves: every adapter loaded and used once
+        def bench(server: str, url: str) -> None:
+            asyncio.run(load(url, mixed, len(mixed), 1, len(mixed), prompt))
+    for rnd in range(rounds):
         print(f"round {rnd + 1}: plain vLLM", flush=True)
         with PlainVLLM(base, adapters, dtype, 8, 512) as plain:
             bench("vllm", plain.url)
@@ -241,7 +275,8 @@ def main() -> None:
         for topology in topologies:
             name = f"rayllm-{topology}"
             print(f"round {rnd + 1}: {name}", flush=True)
-            with serve_app(cfg.model_copy(update={"topology": topology}), str(registry_root), start_timeout_s=600) as url:
+            with RayllmServe({**serve, "topology": topology}, registry_root, registry_root.parent / "bench-serve") as server:
+                url = server.url
                 bench(name, url)
                 if rnd == 0:
                     timed_hot(name, hot_load, url, {"authorization": "Bearer bench"}, adapters["x3"], prompt)
@@ -251,6 +286,17 @@ def main() -> None:
         xs = results[f"{server}|{traffic}"]
         return f"{1000 * statistics.median(xs[i][key] for i in rounds):.0f}" if rounds else "-"
 
+    if args.hot_only:
+        for server in servers:
+            h, f = hot[server], hot_figs[server]
+            print(f"{server}: hot load: load route {1000 * h['load_s']:.0f} ms, first request {1000 * h['first_s']:.0f} ms, "
+                  f"warm {1000 * h['warm_s']:.0f} ms (1 token): {1000 * (h['load_s'] + h['first_s'] - h['warm_s']):.0f} ms "
+                  f"above warm; {note(f, cap)}")
+            if f"{server}-lazy" in hot:
+                (first, warm), f = hot[f"{server}-lazy"], hot_figs[f"{server}-lazy"]
+                print(f"{server}: lazy load, first request on registry version fresh@v1 {1000 * first:.0f} ms, warm "
+                      f"{1000 * warm:.0f} ms; {note(f, cap)}")
+        return
     print(f"\n## {model_name}, dtype {dtype}, {machine()}; figures: medians over clean rounds (others <= 0.25 core)")
     print("| traffic | " + " | ".join(f"{s} tok/s" for s in servers) + " | " + " | ".join(f"{s}/vllm" for s in servers[1:])
           + " | " + " | ".join(f"{s} TTFT p50/p99 ms" for s in servers) + " |")

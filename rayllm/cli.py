@@ -24,7 +24,7 @@ VERBS: dict[str, tuple[str | None, str]] = {
     "serve": ("serve", "Serve the base model and its adapters behind an OpenAI-compatible API."),
     "eval": ("eval", "Score models, adapters, registry versions and endpoints side by side: perplexity, generation tasks, lm-eval."),
     "report": (None, "(Re)build report.html, a self-contained page, for a training run, sweep or evaluation folder."),
-    "demo": (None, "Run the whole life cycle on a local Ray with a tiny model."),
+    "demo": (None, "Run the whole life cycle on a local Ray: pretrain a tiny model, fine-tune and sweep SmolLM2-135M, gate, serve, answer."),
 }
 
 

@@ -1,10 +1,11 @@
 """The Ray Serve application: an HTTP ingress and an LLM deployment (one vLLM engine per replica).
 
-    topology split (default):
+    topology split (what several LLM replicas, autoscaling or several ingress replicas need):
     OpenAIIngress (FastAPI: auth, parsing, `model` resolution, metrics)
         └── handle.options(multiplexed_model_id="name@vN") ──▶ LLMServer (vLLM + adapter residency)
 
-    topology single: LLMServer serves the same routes itself (one replica, one hop less)
+    topology single (the default otherwise, `auto`): LLMServer serves the same routes itself
+    (one replica, one hop less per request and per streamed chunk)
 
 Requests for an adapter carry its exact version as the multiplexed model id, so Serve prefers a
 replica that already has it loaded. This module is what runs inside Serve; the entry points
@@ -241,7 +242,7 @@ def build_application(cfg: ServeConfig, registry_path: str | None, registry_cach
         logger.warning("rayllm serve: /v1/* on %s is open to anyone who reaches it (serve.allow_unauthenticated: true, "
                        "no API keys)", cfg.host)
     resources = {"num_cpus": cfg.replica_cpus, **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus else {})}
-    if cfg.topology == "single":
+    if cfg.effective_topology == "single":
         return LLMServerWithRoutes.options(
             num_replicas=1, max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=resources, **queue_options(cfg),
         ).bind(cfg, root, cache)  # the validated object itself (pickled): a dump would leave out the API keys

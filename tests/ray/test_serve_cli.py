@@ -1,6 +1,6 @@
 """`rayllm serve CONFIG` exactly as a user runs it: a subprocess with its own embedded Ray, an
 OpenAI client against it, a registry adapter and a config adapter, then SIGTERM and a clean exit.
-It runs the `single` topology (the LLM replica serves HTTP itself)."""
+It runs the default topology, `single` here (the LLM replica answers HTTP on serve.port itself)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def test_rayllm_serve_cli_end_to_end(tmp_path):
     port = free_port()
     config = {
         "serve": {"model": str(world.base), "dtype": "float32", "max_model_len": 256, "port": port,
-                  "adapters": {"b": str(world.adapters["b"])}, "preload_adapters": ["a@v1"], "replica_cpus": 1,
-                  "topology": "single"},  # tests/ray/test_serve_stack.py covers the default, split
+                  "adapters": {"b": str(world.adapters["b"])}, "preload_adapters": ["a@v1"], "replica_cpus": 1},
+        # the default topology (single here) with the replica on serve.port itself; test_serve_stack.py covers split
         "registry": {"path": "registry"},  # relative: resolved where `rayllm serve` runs
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))

@@ -73,7 +73,7 @@ def stack(tmp_path_factory, _shared_ray):
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     cfg = ServeConfig(
         model=str(world.base), served_model_name="base", dtype="float32", max_model_len=256, max_num_seqs=32,
-        max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5,
+        max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5, topology="split",
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
         preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN, playground=True,
         lora_roots=[str(tmp_path_factory.getbasetemp()), str(Path(world.adapters["a"]).parent)], state_dir=str(root / "state"),

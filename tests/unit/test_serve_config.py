@@ -59,6 +59,42 @@ def test_engine_args_parse_with_vllms_own_parser(tmp_path):
     assert (ea.model, ea.dtype, ea.max_model_len, ea.enable_lora, ea.max_loras, ea.max_cpu_loras, ea.max_lora_rank,
             ea.max_num_seqs, ea.seed, ea.enforce_eager) == (str(tmp_path), "float32", 256, True, 2, 5, 32, 7, 3, True)
     assert args.served_model_name == ["tiny"] and args.chat_template == "{{ x }}"
+    assert ea.distributed_executor_backend == "uni"  # on CPU: no worker process beside a polling engine core
+
+
+def test_cpu_engine_runs_in_the_engine_core_with_the_replicas_cores(tmp_path):
+    from rayllm.serve.vllm_engine import cpu_engine_env
+
+    env = cpu_engine_env(ServeConfig(model=str(tmp_path), replica_cpus=2.5, kv_cache_gib=3))
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}
+    assert cpu_engine_env(ServeConfig(model=str(tmp_path), replica_cpus=0.5))["OMP_NUM_THREADS"] == "1"
+    assert cpu_engine_env(ServeConfig(model=str(tmp_path), cpu_threads=4))["OMP_NUM_THREADS"] == "4"
+    mp = ServeConfig(model=str(tmp_path), cpu_executor="mp")
+    assert cpu_engine_env(mp) == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert engine_cli_args(mp, "float32", False, None)[-2:] == ["--distributed-executor-backend", "mp"]
+    assert "--distributed-executor-backend" not in engine_cli_args(mp, "float32", True, None)  # a GPU keeps vLLM's choice
+
+
+def test_the_ingress_replica_binds_the_endpoint_port_on_a_ray_rayllm_starts(tmp_path, monkeypatch):
+    from rayllm.config import RayllmConfig
+    from rayllm.serve.deploy import binds_directly, local_ray_env, proxy_port
+
+    def cfg(**serve):
+        return RayllmConfig.model_validate({"serve": {"model": str(tmp_path), "port": 8123, **serve}})
+
+    env = local_ray_env(cfg())
+    assert env == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8123",
+                   "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8124", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    assert binds_directly(cfg(topology="single")) and binds_directly(cfg(ingress_replicas=1))
+    # several ingress replicas share serve.port only through the proxy; so does a prefix
+    for other in (cfg(ingress_replicas=2), cfg(route_prefix="/llm")):
+        assert not binds_directly(other) and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in local_ray_env(other)
+    assert local_ray_env(cfg(direct_ingress=False)) == {}
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", raising=False)
+    assert proxy_port(cfg()) == 8123  # a cluster's Ray: the proxy keeps the endpoint's port
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "8123")
+    assert proxy_port(cfg()) != 8123 and proxy_port(cfg(ingress_replicas=2)) == 8123
 
 
 def _adapter(tmp_path, r=8, meta=None):
@@ -115,3 +151,12 @@ def test_a_seq2seq_base_is_refused_for_serving(tmp_path):
     cfg = parse_config({"serve": {"model": str(tmp_path)}})
     with pytest.raises(ConfigError, match="encoder-decoder"):
         servable_config(cfg.serve)
+
+
+def test_auto_topology_is_single_unless_the_config_needs_routing(tmp_path):
+    def topology(**kw):
+        return ServeConfig(model=str(tmp_path), **kw).effective_topology
+
+    assert topology() == "single"
+    assert topology(num_replicas=2) == topology(ingress_replicas=2) == topology(autoscaling={}) == "split"
+    assert topology(topology="split") == "split" and topology(topology="single") == "single"

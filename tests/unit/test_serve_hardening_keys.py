@@ -55,17 +55,22 @@ def test_keys_never_appear_in_dumps_reprs_or_errors():
     assert parse_config(yaml.safe_load(config_yaml)).serve.api_keys == []  # a copy served again needs its keys given anew
 
 
-def test_serve_application_carries_no_key_in_its_config(tmp_path, caplog):
+@pytest.mark.parametrize("topology", ["split", "single"])
+def test_serve_application_carries_no_key_in_its_config(tmp_path, caplog, topology):
     from rayllm.serve.app import build_application
 
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    cfg = parse_config({"serve": {"model": str(tmp_path / "base"), "api_keys": [SECRET], "admin_key": ADMIN_SECRET}}).serve
+    cfg = parse_config({"serve": {"model": str(tmp_path / "base"), "api_keys": [SECRET], "admin_key": ADMIN_SECRET,
+                                  "topology": topology}}).serve
     app = build_application(cfg, None)
     ingress = app._bound_deployment
-    llm = ingress.init_args[0]._bound_deployment if hasattr(ingress.init_args[0], "_bound_deployment") else ingress.init_args[0]
-    for bound in (ingress, llm):
-        served = bound.init_args[1] if bound is ingress else bound.init_args[0]
+    if topology == "single":  # the LLM replica is the ingress
+        deployments = [(ingress, ingress.init_args[0])]
+    else:
+        llm = ingress.init_args[0]._bound_deployment if hasattr(ingress.init_args[0], "_bound_deployment") else ingress.init_args[0]
+        deployments = [(ingress, ingress.init_args[1]), (llm, llm.init_args[0])]
+    for bound, served in deployments:
         assert Keys.from_config(served.api_keys, served.admin_key, env={}).api == (SECRET,)  # the replicas get them
         text = repr(bound.init_args) + json.dumps(served.model_dump(mode="json")) + repr(bound._deployment_config)
         assert SECRET not in text and ADMIN_SECRET not in text
