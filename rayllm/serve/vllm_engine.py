@@ -72,8 +72,14 @@ def cpu_engine_env(cfg: ServeConfig) -> dict[str, str]:
     env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
     if cfg.cpu_executor == "uni":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or max(1, int(cfg.replica_cpus)))
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or default_cpu_threads())
     return env
+
+
+def default_cpu_threads() -> int:
+    """vLLM's own count for its CPU worker: the cores this process may run on, less one left to the
+    rest (here the serving layer, where vLLM leaves it to its polling engine core)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _tokenizer_has_chat_template(model_dir: str) -> bool:
