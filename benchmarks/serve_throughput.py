@@ -128,13 +128,13 @@ class PlainVLLM:
     def __exit__(self, *exc):
         self.proc.terminate()
         try:
-            self.proc.wait(60)
+            self.proc.wait(120)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, 9)  # the server's whole session: engine and Ray processes too
         self.log.close()
 
 
-class RayllmServe:
+class RayllmServe(PlainVLLM):
     """`python -m rayllm serve CONFIG`, as a user starts the endpoint (its own local Ray, direct ingress)."""
 
     def __init__(self, serve: dict, registry_root: Path, workdir: Path):
@@ -147,18 +147,6 @@ class RayllmServe:
         self.log = open(workdir / f"rayllm-serve-{self.port}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "rayllm", "serve", str(config)], env=env, cwd=workdir,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def __enter__(self):
-        wait_healthy(self.url, self.proc)
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-        self.log.close()
 
 
 def hot_load(url: str, admin: dict, folder: Path, prompt: str) -> dict:
