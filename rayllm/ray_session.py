@@ -19,7 +19,8 @@ LOCAL_TRAIN_ENV = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (the local Ray's dashboard, a moved Serve proxy)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,7 +53,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     kwargs: dict = {"include_dashboard": False}
     if dashboard:
-        port = _free_port()
+        port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     saved_env = {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}

@@ -80,13 +80,11 @@ def local_ray_env(cfg: RayllmConfig) -> dict[str, str]:
 
 def proxy_port(cfg: RayllmConfig) -> int:
     """Where Serve's proxy listens: serve.port, or a free port when the ingress replica has it."""
-    import socket
+    from rayllm.ray_session import free_port
 
     if os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") != str(cfg.serve.port) or not binds_directly(cfg):
         return cfg.serve.port
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def deploy(cfg: RayllmConfig, timeout_s: float = 900) -> str:
