@@ -20,11 +20,18 @@ class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0, description="Fewest LLM replicas (Serve autoscaling_config.min_replicas).")
     max_replicas: int = Field(2, ge=1, description="Most LLM replicas (autoscaling_config.max_replicas).")
     target_ongoing_requests: float = Field(16.0, gt=0, description="Requests per replica Serve scales towards (autoscaling_config.target_ongoing_requests).")
+    upscale_delay_s: float = Field(30.0, ge=0, description="How long the load must ask for more replicas before Serve adds them (autoscaling_config.upscale_delay_s).")
+    downscale_delay_s: float = Field(600.0, ge=0, description="How long the load must ask for fewer replicas before Serve stops some (autoscaling_config.downscale_delay_s).")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often the ingress and the replicas report ongoing requests to Serve's controller (autoscaling_config.metrics_interval_s; Serve 2.60 still reads it, though it calls it deprecated).")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which ongoing requests are averaged for each decision (autoscaling_config.look_back_period_s); longer than metrics_interval_s.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingConfig":
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s}) must be longer than metrics_interval_s "
+                             f"({self.metrics_interval_s}): each decision averages several reports")
         return self
 
 

@@ -218,9 +218,8 @@ def replica_options(cfg: ServeConfig) -> dict[str, Any]:
     if cfg.autoscaling is None:
         out["num_replicas"] = cfg.num_replicas
     else:
-        a = cfg.autoscaling
-        out["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                     "initial_replicas": max(a.min_replicas, 1), "target_ongoing_requests": a.target_ongoing_requests}
+        # serve.autoscaling's keys are Serve's own autoscaling_config keys, passed as they are
+        out["autoscaling_config"] = {**cfg.autoscaling.model_dump(), "initial_replicas": max(cfg.autoscaling.min_replicas, 1)}
     return out
 
 

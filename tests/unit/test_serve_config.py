@@ -136,8 +136,28 @@ def test_replica_options_fixed_or_autoscaled_and_gpu_resources():
     auto = parse_config({"serve": {"model": "/m", "replica_gpus": 1, "autoscaling": {"min_replicas": 0, "max_replicas": 4}}}).serve
     opts = replica_options(auto)
     assert "num_replicas" not in opts
-    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 16.0}
+    assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 16.0,
+                                          "upscale_delay_s": 30.0, "downscale_delay_s": 600.0,
+                                          "metrics_interval_s": 10.0, "look_back_period_s": 30.0}
     assert auto.replica_gpus == 1
+    with pytest.raises(ConfigError) as e:
+        parse_config({"serve": {"model": "/m", "autoscaling": {"upscale_delay_s": -1, "downscale_delay_s": -2, "metrics_interval_s": 0}}})
+    assert all(k in str(e.value) for k in ("upscale_delay_s", "downscale_delay_s", "metrics_interval_s"))
+    with pytest.raises(ConfigError, match="look_back_period_s"):
+        parse_config({"serve": {"model": "/m", "autoscaling": {"metrics_interval_s": 2, "look_back_period_s": 2}}})
+
+
+def test_autoscaling_keys_reach_serve_as_serve_reads_them():
+    from ray.serve.config import AutoscalingConfig as ServeAutoscaling
+
+    from rayllm.config import parse_config
+    from rayllm.serve.app import replica_options
+
+    keys = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 4,
+            "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    serve_cfg = parse_config({"serve": {"model": "/m", "autoscaling": keys}}).serve
+    theirs = ServeAutoscaling(**replica_options(serve_cfg)["autoscaling_config"])
+    assert {k: getattr(theirs, k) for k in keys} == keys and theirs.initial_replicas == 1
     with pytest.raises(ConfigError, match="max_replicas"):
         parse_config({"serve": {"model": "/m", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
     with pytest.raises(ConfigError, match="topology single"):
