@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.ray.serve_fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _serve_adapter
 
 PAIRS, HELD_OUT, HIGH = 800, 60, 40
 
@@ -31,10 +32,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.1)
     args = p.parse_args()
-    import requests
+    from _serve_adapter import ask_base_and_adapter
 
     from rayllm.config import parse_config
-    from rayllm.config.serve import ServeConfig
     from rayllm.data.prepare import run as prepare
     from rayllm.data.verifiable import SYSTEM, follows_rule, operands, pairs, prompt_of, write_jsonl
     from rayllm.dtypes import cpu_capability
@@ -42,7 +42,6 @@ def main() -> None:
     from rayllm.ray_session import ray_session
     from rayllm.registry import Registry
     from rayllm.train.launch import run as train
-    from tests.ray.serve_fixtures import serve_app
 
     for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}.items():
         os.environ.setdefault(key, value)  # read by Ray's own processes: set before Ray starts
@@ -68,21 +67,12 @@ def main() -> None:
         registry = Registry(str(work / "registry"))
         ref = registry.publish("sums", result["adapter_dir"], metrics={k: result[k] for k in result if k.startswith("val_")},
                                source_run=result["run_dir"])
-        serve = ServeConfig(model=base, served_model_name="base", dtype="float32", max_model_len=512, max_lora_rank=16,
-                            replica_cpus=1, preload_adapters=[ref])
         held_out = operands(PAIRS + HELD_OUT, seed=0, high=HIGH)[PAIRS:]  # never in train or val
-        follows, samples = {"base": 0, ref: 0}, []
-        with serve_app(serve, str(work / "registry")) as url:
-            for a, b in held_out:
-                messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt_of(a, b)}]
-                for model in follows:
-                    r = requests.post(f"{url}/v1/chat/completions", json={"model": model, "messages": messages,
-                                                                           "temperature": 0, "max_tokens": 12}, timeout=120)
-                    r.raise_for_status()
-                    answer = r.json()["choices"][0]["message"]["content"]
-                    follows[model] += follows_rule(prompt_of(a, b), answer)
-                    if len(samples) < 12:
-                        samples.append(f"{model:>8} {prompt_of(a, b)} -> {answer!r}")
+        questions = [prompt_of(a, b) for a, b in held_out]
+        answers = ask_base_and_adapter(base, str(work / "registry"), ref, [[{"role": "system", "content": SYSTEM},
+                                                                            {"role": "user", "content": q}] for q in questions], 12)
+    follows = {model: sum(follows_rule(q, a["text"]) for q, a in zip(questions, out)) for model, out in answers.items()}
+    samples = [f"{model:>8} {q} -> {out[i]['text']!r}" for i, q in enumerate(questions[:6]) for model, out in answers.items()]
     print("\n".join(samples))
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu_capability": cpu_capability(), "pairs": PAIRS,
                       "steps": args.steps, "learning_rate": args.lr, "beta": args.beta, "val_accuracy": result["val_rewards/accuracies"],
