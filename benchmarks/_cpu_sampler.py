@@ -89,7 +89,8 @@ def side_cpu(before: Snapshot, after: Snapshot, roots: tuple[int, ...], between:
 
     A side process that exits inside the window is counted however it goes:
       * reaped by a side process still alive: its whole CPU moved into that parent's `reaped`, which
-        is counted, so only what it had used before the window is taken back out;
+        is counted, so only what it had used before the window is taken back out — unless the parent's
+        reaped time did not grow to hold it (Ray's exited pool actors): then its last view counts;
       * orphaned (its parent died first: Ray's workers when the raylet stops at `ray.shutdown()`) and
         reaped by init: nothing of the side holds its CPU any more, so its last view counts, up to the
         last snapshot that saw it (`between` samples keep that tail short).
@@ -105,13 +106,26 @@ def side_cpu(before: Snapshot, after: Snapshot, roots: tuple[int, ...], between:
             seen[pid] = snap.procs[pid]
         members.append(now)
     side_before, side_after = members[0], members[-1]
+    # Ray's pool actors that exit inside the window did not reach their parent's reaped time: an exited
+    # child counts by its last view unless its parent's reaped time grew by at least half of what its
+    # exited children had used.
+    exited: dict[int, float] = {}
+    for pid, last in seen.items():
+        if pid not in side_after and last.ppid in side_after:
+            exited[last.ppid] = exited.get(last.ppid, 0.0) + last.cpu + last.reaped
+    collected = set()
+    for ppid, used in exited.items():
+        first = before.procs.get(ppid)
+        grown = after.procs[ppid].reaped - (first.reaped if first is not None and ppid in side_before else 0.0)
+        if grown >= 0.5 * used:
+            collected.add(ppid)
     total = 0.0
     for pid, last in seen.items():
         first = before.procs.get(pid)
         start = first.cpu + first.reaped if pid in side_before else 0.0
         if pid in side_after:
             total += last.cpu + last.reaped - start
-        elif last.ppid in side_after:
+        elif last.ppid in collected:
             total -= start  # its CPU since birth is in the parent's reaped time
         else:
             total += last.cpu + last.reaped - start

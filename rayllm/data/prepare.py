@@ -132,7 +132,8 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path, 
     unique = _dedup(kept, n_kept, cleaned.num_blocks()) if cfg.dedup else kept
     unique = unique.materialize()
     n_unique = unique.count()
-    pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors, unique.num_blocks())
+    unique = spread(unique, n_unique, cfg.batch_size, cfg.num_actors)
+    pool = use_actor_pool(n_unique, cfg.batch_size, cfg.num_actors)
     phase("tokenizer", n_unique)
 
     tokenizer_dir = stage / "tokenizer"
@@ -175,14 +176,28 @@ def _prepare(cfg: DataConfig, files: list[str], stage: Path, failed_file: Path, 
     }
 
 
-def use_actor_pool(rows: int, batch_size: int, num_actors: int, blocks: int | None = None) -> bool:
+def use_actor_pool(rows: int, batch_size: int, num_actors: int) -> bool:
     """An actor pool starts `num_actors` processes that each load the tokenizer before the first
-    batch; it repays that only when its actors get more than one batch each. Fewer rows run as plain
-    tasks on the worker processes Ray already has (one tokenizer per process, kept between tasks).
-    An actor is handed whole blocks, so input in one block (what dedup leaves of anything under
-    100,000 rows) keeps one actor busy however many rows it holds: a task does the same batches
-    without the seconds an actor takes to start. Real datasets come in many blocks and get the pool."""
-    return rows > batch_size * num_actors and (blocks is None or blocks > 1)
+    batch; it repays that only when its actors get more than two batches each. Fewer rows run as
+    plain tasks on the worker processes Ray already has (one tokenizer per process, kept between
+    tasks), in parallel over the blocks `spread` made."""
+    return rows > 2 * batch_size * num_actors
+
+
+def blocks_wanted(rows: int, batch_size: int, num_actors: int) -> int:
+    """Blocks the tokenize stage needs so every actor (or parallel task) has work: Ray Data hands an
+    actor or a task whole blocks, so one block keeps one process busy however many rows it holds."""
+    return max(1, min(math.ceil(rows / batch_size), 4 * num_actors))
+
+
+def spread(ds, rows: int, batch_size: int, num_actors: int):
+    """`ds` (materialized) split into `blocks_wanted` blocks when it has fewer, order kept. Dedup leaves
+    anything under 100,000 rows in one block, and one input file reads as one: without this the whole
+    tokenize stage ran in one process. A dataset already in enough blocks (a cluster's) is unchanged."""
+    want = blocks_wanted(rows, batch_size, num_actors)
+    if ds.num_blocks() >= want:
+        return ds
+    return ds.repartition(want).materialize()
 
 
 def _map_stage(ds, cls: type, init: dict[str, Any], cfg: DataConfig, batch_size: int, pool: bool):

@@ -94,7 +94,7 @@ def test_sft_masks_and_rejects(tmp_path, ray_local):
     assert trained.count("<|im_end|>") == 30 * 2 + 30  # every assistant turn ends in a trained end token
 
 
-def test_one_block_is_tokenized_by_tasks_into_the_same_sequences_as_an_actor_pool(tmp_path, ray_local, monkeypatch):
+def test_one_file_is_spread_and_tokenized_by_tasks_into_the_same_sequences_as_an_actor_pool(tmp_path, ray_local, monkeypatch):
     import rayllm.data.prepare as prepare
 
     # One file, as the demo's corpus: rows keep the file's order (a union of several files orders its
@@ -104,10 +104,11 @@ def test_one_block_is_tokenized_by_tasks_into_the_same_sequences_as_an_actor_poo
     (tmp_path / "corpus.txt").write_text("\n".join(lines + lines[:5]) + "\n")
     base = dict(inputs=[str(tmp_path / "corpus.txt")], text_unit="line", seq_len=64, val_fraction=0.2,
                 batch_size=7, tokenizer={"vocab_size": 400})  # 7: many batches, so rows alone would ask for a pool
-    chosen, decide = [], prepare.use_actor_pool
-    monkeypatch.setattr(prepare, "use_actor_pool", lambda *args: chosen.append(decide(*args)) or chosen[-1])
+    blocks, spread = [], prepare.spread
+    monkeypatch.setattr(prepare, "spread", lambda ds, *a: blocks.append((ds.num_blocks(), (out := spread(ds, *a)).num_blocks())) or out)
+    monkeypatch.setattr(prepare, "use_actor_pool", lambda *args: False)
     tasks = run(DataConfig(output_dir=str(tmp_path / "tasks"), **base))
-    assert chosen == [False]  # dedup leaves 300 rows in one block
+    assert blocks == [(1, 8)]  # dedup leaves 300 rows in one block; the tokenize stage gets 8 (4 per actor)
     monkeypatch.setattr(prepare, "use_actor_pool", lambda *args: True)
     pool = run(DataConfig(output_dir=str(tmp_path / "pool"), **base))
 

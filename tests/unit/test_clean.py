@@ -87,9 +87,9 @@ def test_block_rejects_counts_every_reason_and_caps_samples():
     assert _block_rejects({k: v[:1] for k, v in block.items()}, limit=1).num_rows == 0  # typed, even when empty
 
 
-def test_actor_pool_only_when_every_actor_gets_more_than_one_batch():
+def test_actor_pool_only_when_every_actor_gets_more_than_two_batches():
     from rayllm.data.prepare import use_actor_pool
 
-    assert not use_actor_pool(4096, batch_size=2048, num_actors=2)
-    assert use_actor_pool(4097, batch_size=2048, num_actors=2)
+    assert not use_actor_pool(8192, batch_size=2048, num_actors=2)
+    assert use_actor_pool(8193, batch_size=2048, num_actors=2)
     assert use_actor_pool(300, batch_size=7, num_actors=2)

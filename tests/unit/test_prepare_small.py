@@ -1,14 +1,15 @@
 """Choices that keep a small prepare fast without changing what it writes."""
 
 from rayllm.config.data import TokenizerConfig
-from rayllm.data.prepare import use_actor_pool
+from rayllm.data.prepare import blocks_wanted
 from rayllm.data.tokenizer import checked, load_tokenizer, train_tokenizer
 
 
-def test_actor_pool_only_when_more_than_one_block_feeds_it():
-    assert not use_actor_pool(1_000_000, batch_size=2048, num_actors=2, blocks=1)  # one actor would do it all
-    assert use_actor_pool(1_000_000, batch_size=2048, num_actors=2, blocks=2)
-    assert not use_actor_pool(4096, batch_size=2048, num_actors=2, blocks=8)  # too few rows, however many blocks
+def test_the_tokenize_stage_gets_a_block_per_batch_up_to_four_per_actor():
+    assert blocks_wanted(1_000, batch_size=2048, num_actors=2) == 1  # one batch: nothing to spread
+    assert blocks_wanted(4_288, batch_size=2048, num_actors=2) == 3  # the demo's corpus: parallel tasks
+    assert blocks_wanted(1_000_000, batch_size=2048, num_actors=2) == 8  # every actor busy, a small tail
+    assert blocks_wanted(1_000_000, batch_size=2048, num_actors=16) == 64
 
 
 def test_trained_tokenizer_gives_the_ids_a_reload_gives(tmp_path):
