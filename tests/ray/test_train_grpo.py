@@ -26,7 +26,7 @@ from rayllm.data.verifiable import problems
 from tests.ray.train_fixtures import read_metrics, train, train_tokenizer, wandb_history
 
 pytestmark = pytest.mark.slow
-ITERATIONS = 12
+ITERATIONS = 16
 LOGIT_SCALE = 10.0
 
 
@@ -84,7 +84,7 @@ def grpo_config(base, dataset, out, iterations: int, eval_prompts: int = 8, **tr
         "model": {"path": str(base), "dtype": "float32", "lora": {"rank": 8, "alpha": 16}},
         "train": {"dataset": str(dataset), "output_dir": str(out), "run_name": "grpo", "objective": "grpo",
                   "num_workers": 2, "cpus_per_worker": 0.5, "micro_batch_size": 8, "max_steps": iterations,
-                  "learning_rate": 2e-2, "lr_scheduler_type": "constant", "eval_every": iterations, "save_every": iterations,
+                  "learning_rate": 1e-2, "lr_scheduler_type": "constant", "eval_every": iterations, "save_every": iterations,
                   "logging_steps": 1, "max_failures": 0, "zero_stage": 2, "ingest": "files", **train_keys,
                   "grpo": {"group_size": 4, "max_new_tokens": 8, "temperature": 1.0, "beta": 0.04, "updates_per_batch": 2,
                            "eval_prompts": eval_prompts,
@@ -176,6 +176,8 @@ def test_grpo_raises_the_reward_with_fresh_adapters_resumes_and_replaces_a_kille
     order = StreamOrder(train_prompt_count(dataset), seed=0)
     assert [r["prompts"] for r in steps] == [order.global_batch(s, 4).tolist() for s in range(ITERATIONS)]
     # (d) the reward rises
+    # (2e-2 over 12 iterations moved the policy by a KL of 10-45 in its first updates and once collapsed it
+    # to digit-free completions; 1e-2 over 16 rose by 0.34-0.46 in three runs)
     first3, last3 = np.mean([r["reward/digit_share"] for r in steps[:3]]), np.mean([r["reward/digit_share"] for r in steps[-3:]])
     assert last3 > first3 + 0.15, [round(r["reward/digit_share"], 3) for r in steps]
     # the raising reward only counted, scored 0
