@@ -16,10 +16,15 @@ per step with 8 adapters, 146 ms with one, 50 ms base-only. Of the 156 ms, the L
 100 ms (one adapter: 90 ms, so mixing was not the cost: the per-token weight gather and small bf16
 GEMMs were, ~0.2 ms per op x 420 ops), the logits LoRA 3.7 ms, vLLM's Python bookkeeping (punica
 metadata, set_active_adapters) under 0.2 ms; base-only batches still paid 4.5 ms of LoRA calls.
-Padding to max_lora_rank doubles the LoRA weights read (rank 8 stored as 16, the rest zeros).
-Now vLLM's per-step metadata update also builds a `_Plan`, and the punica CPU wrapper's shrink and
-expand use it: nothing for an all-base batch, one GEMM for a single adapter, one bmm over the
-stacked weights read in place for a mixed decode batch, one GEMM per adapter for prefill.
+Now vLLM's per-step metadata update also builds a `_Plan`, and `add_lora_linear` uses it: nothing
+for an all-base batch, one product per slice for a single adapter, one bmm per slice over the
+stacked weights (read in place) for a mixed decode batch, one product per adapter for prefill; the
+products run in fp32 on copies of the weights cut to the adapters' real rank (`_fp32`: small bf16
+products cost 3-5x fp32 ones on CPU, and vLLM pads every adapter to max_lora_rank). The logits LoRA
+is skipped when no adapter of the batch has lm_head weights. `activate_adapter` is wrapped to
+record, per slot, when its weights change, the adapter's rank and whether it has lm_head weights.
+Of a mixed 8-adapter decode step this leaves about 17 ms above base-only (of 38 ms): the bmm reading
+8 adapters' fp32 weights (~8 ms), the row gather/scatter and casts (~6 ms), the rest Python.
 
 The same ops also crash the engine when two requests asking for prompt logprobs (`echo` +
 `logprobs`, what lm-eval sends) share a batch while LoRA is enabled: see `_one_request_indices`.
@@ -129,12 +134,12 @@ class _Plan:
     which are read in place instead of gathered per token), `per_adapter` (many tokens per adapter,
     prefill: one GEMM per adapter present)."""
 
-    __slots__ = ("rows", "kind", "slot", "lo", "hi", "kmax", "gather", "scatter", "has", "groups")
+    __slots__ = ("rows", "kind", "slot", "lo", "hi", "kmax", "gather", "scatter", "has", "groups", "cells", "cell_rows")
 
     def __init__(self, indices: torch.Tensor):
         ids = indices.tolist()
         self.rows, self.slot, self.lo, self.hi, self.kmax = len(ids), -1, 0, 0, 0
-        self.gather = self.scatter = self.has = None
+        self.gather = self.scatter = self.has = self.cells = self.cell_rows = None
         self.groups: list = []
         present = sorted(set(ids) - {-1})
         if not present:
@@ -159,6 +164,9 @@ class _Plan:
                     seen[slot - self.lo] += 1
                     gather[cell], scatter[row] = row, cell
             self.gather, self.scatter = torch.tensor(gather), torch.tensor(scatter)
+            if gather != list(range(self.rows)):  # else the grid is the rows in order (cell_rows None)
+                filled = [c for c in range(cells) if gather[c] < self.rows]
+                self.cells, self.cell_rows = torch.tensor(filled), torch.tensor([gather[c] for c in filled])
         else:
             self.kind = "per_adapter"
             self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in present]
@@ -182,15 +190,146 @@ class _Plan:
             out[rows] = inputs[rows] @ weights[slot].to(dtype).T
         return out
 
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, a_slices, b_slices, scale: float, widths, slots=((), (), ())) -> None:
+        """`y[:, slice i] += (x @ A_i[slot].T * scale) @ B_i[slot].T` for every token with an adapter:
+        vLLM's `add_lora_linear` for kinds `one`, `grouped` and `per_adapter`. Computed in fp32 on fp32
+        copies of the weights cut to the adapters' rank (`_fp32`, with the engine's `slots`); the tokens gathered into the grid
+        once per call and the slices' results written back with one add, not once per slice and op;
+        the shrink result goes straight into the expand (no fp32 buffer round trip)."""
+        x = x.float()
+        total = sum(widths)
+        if self.kind == "per_adapter":
+            out = x.new_zeros(self.rows, total)
+            for slot, rows in self.groups:
+                out[rows] = self._slices(x[rows], a_slices, b_slices, scale, widths, slot, slots)
+            y[:, :total] += out
+            return
+        if self.kind == "one":
+            y[:, :total] += self._slices(x, a_slices, b_slices, scale, widths, self.slot, slots)
+            return
+        g = self.hi - self.lo + 1
+        grid = (x if self.cell_rows is None else torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather])
+        delta = self._slices(grid.view(g, self.kmax, x.shape[1]), a_slices, b_slices, scale, widths, None, slots).flatten(0, 1)
+        if self.cell_rows is None:  # the grid is the rows, in order
+            y[:, :total] += delta
+        else:
+            y[:, :total].index_add_(0, self.cell_rows, delta[self.cells].to(y.dtype))
+
+    def _slices(self, x, a_slices, b_slices, scale, widths, slot, slots):
+        """Every slice's shrink and expand for `x` (rows of one slot, or the [slots, kmax, in] grid when
+        `slot` is None), concatenated along the output."""
+        outs = []
+        for a, b, width in zip(a_slices, b_slices, widths):
+            a, b = _fp32(a, 2, slots)[:, 0], _fp32(b, 3, slots)[:, 0, :width]
+            if slot is None:
+                h = torch.bmm(x, a[self.lo: self.hi + 1].transpose(1, 2))
+                outs.append(torch.bmm(h * scale if scale != 1.0 else h, b[self.lo: self.hi + 1].transpose(1, 2)))
+            else:
+                h = x @ a[slot].T
+                outs.append((h * scale if scale != 1.0 else h) @ b[slot].T)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def _fp32(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
+    """vLLM's stacked LoRA weights (slots, 1, rank, in) or (slots, 1, out, rank), in fp32 and cut to the
+    largest rank held in any slot (vLLM pads every adapter to max_lora_rank), kept on the tensor and
+    refreshed slot by slot when an adapter is activated into a slot. Why: a decode step reads every
+    slot's weights, so the padding doubles what a rank-8 adapter costs at max_lora_rank 16; and small
+    bf16 products are 3-5x slower than fp32 ones on CPU (oneDNN's bf16 path costs ~25 us a call at
+    these sizes against ~5 us), converting on every call as much again. The price is memory: the
+    slots' weights in fp32 beside vLLM's own (SmolLM2-135M, 8 slots of rank 8 on every projection:
+    ~80 MB). `slots`: per adapter slot of the engine, a generation bumped when vLLM activates an adapter
+    into it, and that adapter's largest rank (None: unknown); tuples replaced, never mutated, so an
+    unchanged state is recognised by identity."""
+    gens, slot_ranks = slots[:2]
+    cached = getattr(weights, "_rayllm_fp32", None)
+    if cached is not None and cached[0] is gens:
+        return cached[2]
+    ranks = list(slot_ranks[: weights.shape[0]])
+    rank = max(ranks) if ranks and None not in ranks else weights.shape[rank_dim]
+    rank = min(rank, weights.shape[rank_dim])
+    if cached is None or cached[1] != rank:
+        copy = weights.narrow(rank_dim, 0, rank).float().contiguous()
+    else:
+        copy, seen = cached[2], cached[0]
+        for slot, gen in enumerate(gens[: weights.shape[0]]):
+            if slot >= len(seen) or seen[slot] != gen:
+                copy[slot].copy_(weights[slot].narrow(rank_dim - 1, 0, rank))
+    weights._rayllm_fp32 = (gens, rank, copy)
+    return copy
+
 
 def _plan_for(wrapper, x: torch.Tensor) -> _Plan | None:
     plan = getattr(wrapper, "_rayllm_plan", None)
     return plan if plan is not None and plan.rows == x.shape[0] else None
 
 
+def _adapter_rank(lora_model) -> int | None:
+    """The largest rank over an adapter's layers (lora_a is (rank, in); packed layers hold a list)."""
+    ranks = []
+    for layer in getattr(lora_model, "loras", {}).values():
+        parts = layer.lora_a if isinstance(layer.lora_a, (list, tuple)) else [layer.lora_a]
+        ranks += [int(t.shape[0]) for t in parts if t is not None]
+    return max(ranks) if ranks else None
+
+
+def _has_logits_lora(manager, lora_model) -> bool | None:
+    """Whether the adapter has weights for the engine's logits (lm_head) LoRA layer; None: unknown."""
+    try:
+        from vllm.lora.layers import LogitsProcessorWithLoRA
+
+        return any(isinstance(module, LogitsProcessorWithLoRA) and bool(manager._get_lora_layer_weights(lora_model, name))
+                   for name, module in manager.modules.items())
+    except Exception:  # another vLLM's internals: leave the logits LoRA to vLLM
+        return None
+
+
+def _activate_adapter(self, lora_id: int) -> bool:
+    activated = ORIGINALS["LoRAModelManager.activate_adapter"](self, lora_id)
+    if activated:  # the slot's weights changed: tell the engine's punica wrappers (see `_fp32`)
+        slot = self.lora_index_to_id.index(lora_id)
+        gens, ranks, logits = getattr(self, "_rayllm_slots", ((), (), ()))
+        grow = max(0, slot + 1 - len(gens))
+        gens, ranks, logits = list(gens) + [0] * grow, list(ranks) + [None] * grow, list(logits) + [None] * grow
+        model = self._registered_adapters.get(lora_id)
+        gens[slot] += 1
+        ranks[slot] = _adapter_rank(model)
+        logits[slot] = _has_logits_lora(self, model)
+        self._rayllm_slots = (tuple(gens), tuple(ranks), tuple(logits))
+        for wrapper in getattr(self, "punica_wrapper_mapping", {}).values():
+            wrapper._rayllm_slots = self._rayllm_slots
+    return activated
+
+
 def _update_metadata(self, mapping, *args, **kwargs):
     ORIGINALS["PunicaWrapperCPU.update_metadata"](self, mapping, *args, **kwargs)
     self._rayllm_plan = _Plan(self.token_lora_indices)
+
+
+def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+    """vLLM's add_lora_linear through the step's plan: no LoRA work for an all-base batch, and no fp32
+    buffer between shrink and expand and fp32 products otherwise (see `_Plan.add_linear`)."""
+    x2 = x.view(-1, x.shape[-1])
+    plan = _plan_for(self, x2)
+    if plan is None or buffer is not None:
+        return ORIGINALS["PunicaWrapperCPU.add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
+                                                            output_slices, buffer=buffer, **kwargs)
+    if plan.kind != "none":
+        plan.add_linear(y.view(-1, y.shape[-1]), x2, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                        getattr(self, "_rayllm_slots", ((), (), ())))
+
+
+def _add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs):
+    """vLLM's add_lora_logits, skipped when no adapter of the batch has logits (lm_head) LoRA weights:
+    vLLM applies the logits LoRA to every batch all the same, gathering a (vocab x max_lora_rank)
+    matrix per request, several ms a decode step for a 49k vocabulary."""
+    state = getattr(self, "_rayllm_slots", None)
+    if state is not None:
+        flags = state[2]
+        present = set(self.sampler_indices.tolist()) - {-1}
+        if all(slot < len(flags) and flags[slot] is False for slot in present):
+            return
+    return ORIGINALS["PunicaWrapperCPU.add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs)
 
 
 def _shrink(self, y, x, w_t_all, scale):
@@ -227,7 +366,7 @@ def _expand(self, y, x, w_t_all, add_inputs):
 # PunicaWrapperCPU's methods rebound by register(): vLLM on CPU runs every step through the prefill
 # (sgmv) variants, the decode ones are there for completeness.
 _WRAPPER_METHODS = {
-    "update_metadata": _update_metadata,
+    "update_metadata": _update_metadata, "add_lora_linear": _add_lora_linear, "add_lora_logits": _add_lora_logits,
     "_shrink_prefill": _shrink, "_shrink_decode": _shrink,
     "_expand_slice_prefill": _expand_slice, "_expand_slice_decode": _expand_slice,
     "_expand_prefill": _expand, "_expand_decode": _expand,
@@ -258,6 +397,11 @@ def register() -> None:
         if getattr(wrapper, name) is not method:
             ORIGINALS[f"PunicaWrapperCPU.{name}"] = getattr(wrapper, name)
             setattr(wrapper, name, method)
+    from vllm.lora.model_manager import LoRAModelManager
+
+    if LoRAModelManager.activate_adapter is not _activate_adapter:
+        ORIGINALS["LoRAModelManager.activate_adapter"] = LoRAModelManager.activate_adapter
+        LoRAModelManager.activate_adapter = _activate_adapter
     logger.info("rayllm: patched vLLM CPU LoRA ops (rows without an adapter stay untouched, tokens grouped by adapter)")
 
 

@@ -205,3 +205,72 @@ def test_vllm_punica_wrapper_builds_the_plan_once_per_mapping_and_uses_it():
         offset += n
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[idx < 0], y[idx < 0])
+
+
+def _wrapper_with(ids, slots):
+    """vLLM's PunicaWrapperCPU after a metadata update for lora ids per token, with the slot state
+    (generation, rank, logits LoRA per slot) that activating the adapters records."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    fix.register()
+    punica = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    punica.update_metadata(LoRAMapping(ids, ids, is_prefill=len(ids) > 8), [1, 2, 3, None], 4, 100)
+    punica._rayllm_slots = slots
+    return punica
+
+
+@pytest.mark.parametrize("ids, kind", [
+    ((1, 2, 3, 1, 0, 2), "grouped"),  # rows gathered into the grid and added back
+    ((1, 2, 3), "grouped"),  # the grid is the rows in order
+    ((2, 2, 2), "one"),
+    ((1,) * 40 + (0,) * 4 + (3,) * 4, "per_adapter"),
+], ids=["mixed decode with a base row", "rows in slot order", "single adapter", "mixed prefill"])
+def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(ids, kind):
+    """Adapters of rank 2 padded to max_lora_rank 4 (as vLLM stores them): the products run on fp32
+    copies cut to rank 2 and give the full computation's result; a slot re-activated with other weights
+    (a new generation) is read again, the others are kept."""
+    g = torch.Generator().manual_seed(3)
+    a = tuple(torch.zeros(4, 1, 4, 16, dtype=torch.bfloat16) for _ in range(2))
+    b = tuple(torch.zeros(4, 1, n, 4, dtype=torch.bfloat16) for n in (10, 6))
+    for t in a:
+        t[:, :, :2] = torch.randn(4, 1, 2, 16, generator=g)
+    for t in b:
+        t[..., :2] = torch.randn(*t.shape[:3], 2, generator=g)
+    x = torch.randn(len(ids), 16, generator=g).to(torch.bfloat16)
+    y = torch.randn(len(ids), 16, generator=g).to(torch.bfloat16)
+
+    def want():
+        idx = torch.tensor([i - 1 for i in ids])
+        out, offset = y.float().clone(), 0
+        for ai, bi, n in zip(a, b, (10, 6)):
+            out[:, offset: offset + n] += reference(reference(x.float(), ai.float(), idx), bi.float(), idx)
+            offset += n
+        return out
+
+    for state in [((1, 1, 1), (2, 2, 2), (False,) * 3), ((1, 2, 1), (2, 2, 2), (False,) * 3)]:
+        punica = _wrapper_with(ids, state)
+        assert punica._rayllm_plan.kind == kind
+        assert kind != "grouped" or (punica._rayllm_plan.cell_rows is None) == (len(ids) == 3)
+        out = y.clone()
+        punica.add_lora_linear(out, x, a, b, 1.0, (10, 6))
+        torch.testing.assert_close(out.float(), want(), rtol=2e-2, atol=2e-2)
+        assert a[0]._rayllm_fp32[1] == 2 and a[0]._rayllm_fp32[2].shape == (4, 1, 2, 16)
+        assert all(torch.equal(out[i], y[i]) for i, lora in enumerate(ids) if lora == 0)  # rows without an adapter
+        a[0][1, :, :2] = torch.randn(1, 2, 16, generator=g)  # slot 1 gets another adapter before the next state
+
+
+def test_logits_lora_skipped_when_no_adapter_of_the_batch_has_lm_head_weights():
+    ids = (1, 2, 0)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, 1, 4, 16, generator=g), torch.randn(4, 1, 30, 4, generator=g)
+    x, y = torch.randn(3, 16, generator=g), torch.randn(3, 30, generator=g)
+    without = _wrapper_with(ids, ((1, 1), (4, 4), (False, False)))
+    out = y.clone()
+    without.add_lora_logits(out, x, a, b, 1.0)
+    assert torch.equal(out, y)
+    with_lm_head = _wrapper_with(ids, ((1, 1), (4, 4), (False, True)))
+    out = y.clone()
+    with_lm_head.add_lora_logits(out, x, a, b, 1.0)
+    idx = with_lm_head.sampler_indices
+    torch.testing.assert_close(out, y + reference(reference(x, a, idx), b, idx), rtol=1e-5, atol=1e-5)
