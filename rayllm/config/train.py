@@ -70,6 +70,12 @@ class RolloutConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM's KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE, a whole number).")
     max_model_len: int = Field(512, ge=16, description="Longest prompt + completion the engine takes.")
     enforce_eager: bool = Field(True, description="No torch.compile/CUDA graphs: the engine starts in seconds, not minutes.")
+    weight_sync: Literal["auto", "object_store", "collective"] = Field(
+        "auto", description="How a full fine-tune's weights reach the engines each iteration: object_store — rank 0 puts them into Ray's "
+                            "object store once and every actor reads them; collective — rank 0 broadcasts them over a torch.distributed "
+                            "group of its own with the actors (NCCL when each actor holds whole GPUs and rank 0 one, else gloo through "
+                            "CPU); auto: collective when actor_gpus >= 1, else object_store. LoRA runs send adapter folders either way."
+    )
 
 
 class GrpoConfig(Section):

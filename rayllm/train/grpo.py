@@ -16,7 +16,8 @@ same prompts. Old log-probs are the trainer's own (vLLM's differ numerically; th
 `logp_gap_vllm`); with updates_per_batch 1 they equal the current ones, as TRL uses them. With LoRA
 the reference is the base with the adapter disabled, and weights reach the engines as an adapter
 folder. A full fine-tune (no model.lora) sends its weights instead: rank 0's copy of every parameter
-(whole under ZeRO <= 2) goes into Ray's object store once and each engine loads it in place; it
+(whole under ZeRO <= 2) goes into Ray's object store once, or is broadcast over a torch.distributed
+group of rank 0 and the engines (`rollout.weight_sync`), and each engine loads it in place; it
 keeps no reference model, so beta must be 0. No loss-spike rollback: a policy-gradient loss has no
 level that a spike could be measured against.
 """
@@ -70,7 +71,7 @@ class Grpo:
         if not self.lora:
             self._adapter = {"name": None, "id": None, "path": None, "version": version}
             if self.pool is not None:
-                weights = full_weights(run.engine)
+                weights = full_weights(run.engine, to_cpu=self.pool.backend != "nccl")
                 self._adapter["sync"] = {**self.pool.load_weights(weights, version, [CHECKSUM_PARAM]),
                                          "trainer_checksums": {CHECKSUM_PARAM: float(weights[CHECKSUM_PARAM].double().sum())}}
             return self._adapter
@@ -181,10 +182,11 @@ class Grpo:
 CHECKSUM_PARAM = "model.norm.weight"
 
 
-def full_weights(engine) -> dict:
-    """Rank 0's copy of the policy's weights as CPU tensors under Hugging Face names. Whole under ZeRO <= 2
-    (stage 3 shards them; preflight refuses it for a full-FT GRPO run)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+def full_weights(engine, to_cpu: bool = True) -> dict:
+    """Rank 0's policy weights under Hugging Face names: CPU copies, or (an NCCL broadcast reads them
+    where they are) the parameters themselves. Whole under ZeRO <= 2 (stage 3 shards them; preflight
+    refuses it for a full-FT GRPO run)."""
+    return {k: v.detach().to("cpu", copy=True) if to_cpu else v.detach() for k, v in engine.module.state_dict().items()}
 
 
 def summary(batch: dict) -> dict[str, float]:

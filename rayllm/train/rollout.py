@@ -101,9 +101,25 @@ class RolloutEngine:
     def load_weights(self, weights: dict, version: int, checksum_params: list[str]) -> dict:
         """Load a full fine-tune's weights (HF names, CPU tensors) into the running engine as `version`;
         reports the sums of `checksum_params` (vLLM names) as the engine now holds them."""
-        from rayllm.vllm_offline import load_weights, weight_checksum
+        return self._load(weights, version, checksum_params, time.perf_counter())
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, backend: str) -> None:
+        """Become member `rank` of training rank 0's weight group (`rayllm.train.weight_sync`), replacing any earlier one."""
+        from rayllm.train.weight_sync import Member
+
+        self.weight_group = Member(host, port, rank, world, backend)
+        self.weight_device = "cuda" if backend == "nccl" else "cpu"
+
+    def receive_weights(self, layout: list, version: int, checksum_params: list[str]) -> dict:
+        """The weights training rank 0 broadcasts over the weight group, loaded as `version` (as `load_weights`)."""
+        from rayllm.train.weight_sync import receive
 
         start = time.perf_counter()
+        return self._load(receive(self.weight_group, layout, self.weight_device), version, checksum_params, start)
+
+    def _load(self, weights: dict, version: int, checksum_params: list[str], start: float) -> dict:
+        from rayllm.vllm_offline import load_weights, weight_checksum
+
         load_weights(self.llm, weights)
         self.weights_version = version
         return {"engine": self.engine_id, "version": version, "seconds": time.perf_counter() - start,
@@ -169,18 +185,40 @@ class RolloutPool:
         self._spawn = spawn
         self.actors = [spawn(k) for k in range(cfg.num_actors)]
         self.replaced = 0  # actors replaced over the pool's life
-        self._weights: tuple | None = None  # full fine-tune: (object ref, version, checksum param) last loaded
+        self.weight_sync = cfg.weight_sync if cfg.weight_sync != "auto" else ("collective" if cfg.actor_gpus >= 1 else "object_store")
+        # NCCL needs every member on a GPU of its own: whole GPUs for the actors, one for this process.
+        # Otherwise gloo, the weights staged on CPU (each engine copies them to its device as it loads).
+        self.backend = "nccl" if self.weight_sync == "collective" and cfg.actor_gpus >= 1 and _cuda() else "gloo"
+        self._weights: tuple | None = None  # full fine-tune: (object ref or the weights, version, checksum param) last loaded
+        self._group = None  # collective: this process's member of the weight group with the current actors
 
     def load_weights(self, weights: dict, version: int, checksum_params: list[str]) -> dict:
-        """A full fine-tune's weights into every engine: one `ray.put` that every actor reads from the
-        object store (on a GPU cluster too; an NCCL broadcast is not built)."""
+        """A full fine-tune's weights into every engine, by `weight_sync`: object_store — one `ray.put`
+        that every actor reads; collective — a broadcast from this process over the weight group."""
+        start = time.perf_counter()
+        outs = self._send(weights, version, checksum_params)
+        return {"weights_sync_s": time.perf_counter() - start, "weights_sync": self.weight_sync,
+                "engine_checksums": [o["checksums"] for o in outs], "engine_weight_versions": [o["version"] for o in outs]}
+
+    def _send(self, weights: dict, version: int, checksum_params: list[str]) -> list[dict]:
         import ray
 
-        start = time.perf_counter()
-        self._weights = (ray.put(weights), version, checksum_params)
-        outs = ray.get([a.load_weights.remote(*self._weights) for a in self.actors])
-        return {"weights_sync_s": time.perf_counter() - start, "engine_checksums": [o["checksums"] for o in outs],
-                "engine_weight_versions": [o["version"] for o in outs]}
+        if self.weight_sync == "object_store":
+            self._weights = (ray.put(weights), version, checksum_params)
+            return ray.get([a.load_weights.remote(*self._weights) for a in self.actors])
+        from rayllm.train import weight_sync
+
+        self._weights = (weights, version, checksum_params)
+        if self._group is None:  # first sync, or an actor was replaced: every actor joins a new group
+            from rayllm.ray_session import free_port
+
+            host, port, world = ray.util.get_node_ip_address(), free_port(), 1 + len(self.actors)
+            joins = [a.join_weight_group.remote(host, port, 1 + k, world, self.backend) for k, a in enumerate(self.actors)]
+            self._group = weight_sync.Member(host, port, 0, world, self.backend)
+            ray.get(joins)
+        received = [a.receive_weights.remote(weight_sync.describe(weights), version, checksum_params) for a in self.actors]
+        weight_sync.send(self._group, weights)
+        return ray.get(received)
 
     def generate(self, prompt_ids: list[list[int]], adapter: dict, sampling: dict, n: int) -> dict:
         """Prompts split into contiguous parts, one per actor, answered in parallel; groups in prompt order."""
@@ -204,7 +242,11 @@ class RolloutPool:
                 self.replaced += 1
                 try:
                     if self._weights is not None:  # a full fine-tune's current weights, before it samples
-                        ray.get(self.actors[k].load_weights.remote(*self._weights))
+                        if self.weight_sync == "collective":
+                            self._group = None  # its member died with the actor: a new group, and every engine reloads
+                            self._send(*self._weights)
+                        else:
+                            ray.get(self.actors[k].load_weights.remote(*self._weights))
                     outs[k] = ray.get(ask(k, p))
                 except RayActorError as second:
                     raise RolloutActorLost(f"rollout actor {k} died ({first}) and its replacement died too ({second}) "
@@ -222,7 +264,13 @@ class RolloutPool:
 
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._group = [], None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def sampling_params(grpo, stop_ids: list[int], greedy: bool = False) -> dict[str, Any]:

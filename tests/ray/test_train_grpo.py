@@ -34,6 +34,22 @@ def digit_share(prompt, completion, row):
     return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
 
 
+KILL_PLAN = "/tmp/rayllm-test-grpo-kill-{uid}.json".format(uid=os.getuid())
+_calls = 0
+
+
+def dies_once(prompt, completion, row):
+    """A reward that SIGKILLs its own process (training rank 0, where rewards are scored) at its
+    `at_call`-th call, once per plan: the plan file names a marker that the first kill creates."""
+    global _calls
+    _calls += 1
+    plan = json.loads(open(KILL_PLAN).read())
+    if _calls >= plan["at_call"] and not os.path.exists(plan["marker"]):
+        open(plan["marker"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 0.0
+
+
 def flaky(prompt, completion, row):
     if "1" in completion:
         raise ValueError("a reward with a bug")
@@ -199,12 +215,15 @@ def test_grpo_raises_the_reward_with_fresh_adapters_resumes_and_replaces_a_kille
     assert "<h2>GRPO</h2>" in page and "alt='reward, KL, clip fraction, completion length'" in page
 
 
-@pytest.mark.timeout(120)
-def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path):
-    """A full fine-tune's weights through the object store into the running vLLM engine of a rollout
-    actor (no restart): the engine then holds the trainer's parameters (a checksum, and greedy answers
-    equal to the trainer's model's, which needs every layer, q/k/v fused by vLLM included) and tags its
-    rollouts with the loaded version."""
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path, weight_sync):
+    """A full fine-tune's weights into the running vLLM engine of a rollout actor (no restart), through
+    the object store or broadcast over the gloo group of this process and the actor: the engine then
+    holds the trainer's parameters (a checksum, and greedy answers equal to the trainer's model's,
+    which needs every layer, q/k/v fused by vLLM included) and tags its rollouts with the loaded
+    version. With the broadcast the actor is then SIGKILLed: its replacement joins a new group, gets
+    the same weights before it samples and answers the same."""
     from transformers import AutoModelForCausalLM
 
     from rayllm.config.train import RolloutConfig
@@ -213,7 +232,8 @@ def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path):
 
     base, _ = tiny_task(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(base)
-    pool = RolloutPool(str(base), RolloutConfig(num_actors=1, actor_cpus=1, max_model_len=128, dtype="float32"), 0, seed=0)
+    cfg = RolloutConfig(num_actors=1, actor_cpus=1, max_model_len=128, dtype="float32", weight_sync=weight_sync)
+    pool = RolloutPool(str(base), cfg, 0, seed=0)
     try:
         greedy = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "stop_token_ids": [], "ignore_eos": True}
         prompt, policy = [5, 6, 7, 8], {"name": None, "id": None, "path": None, "version": 1}
@@ -224,10 +244,16 @@ def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path):
                 p.add_(torch.randn_like(p) * 0.3)
         sync = pool.load_weights(full_weights(SimpleNamespace(module=model)), 1, [CHECKSUM_PARAM])
         after = pool.generate([prompt], policy, greedy, 1)
+        if weight_sync == "collective":
+            import ray
+
+            os.kill(ray.get(pool.actors[0].__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+            replaced = pool.generate([prompt], policy, greedy, 1)
     finally:
         pool.close()
     state = model.state_dict()
     assert before["engines"] == after["engines"], "the same engine, not a restarted one"
+    assert sync["weights_sync"] == weight_sync
     (sums,) = sync["engine_checksums"]
     assert sync["engine_weight_versions"] == [1] and before["group_versions"] == [None] and after["group_versions"] == [1]
     assert sums[CHECKSUM_PARAM] == pytest.approx(float(state[CHECKSUM_PARAM].double().sum()), rel=1e-6)
@@ -236,3 +262,40 @@ def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path):
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert after["groups"][0][0]["ids"] == ids[4:] != before["groups"][0][0]["ids"]
+    if weight_sync == "collective":
+        assert replaced["actors_replaced"] == 1 and replaced["engines"] != after["engines"]
+        assert replaced["group_versions"] == [1] and replaced["groups"][0][0]["ids"] == ids[4:]
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_training_worker_resumes_from_the_last_checkpoint_with_fresh_engines(ray_local, tmp_path):
+    """Training rank 0 (which drives the rollouts and owns the rollout actor) is SIGKILLed while it
+    scores iteration 4: Ray Train restarts the worker group from the step-2 checkpoint, a new engine
+    starts (the old one died with its owner), and iterations 3.. are done again with the restored
+    policy versions, LoRA ids and prompt order; metrics.jsonl keeps one record per iteration."""
+    from rayllm.train.data import StreamOrder
+
+    base, dataset = tiny_task(tmp_path)
+    iterations, per_iteration = 6, 16  # 4 prompts x group_size 4 completions, each scored once
+    (tmp_path / "plan.json").write_text(json.dumps({"at_call": 3 * per_iteration + 1, "marker": str(tmp_path / "killed")}))
+    os.replace(tmp_path / "plan.json", KILL_PLAN)
+    cfg = grpo_config(base, dataset, tmp_path, iterations, eval_prompts=0, save_every=2, max_failures=1)
+    cfg["train"]["grpo"]["rewards"].append({"kind": "function", "function": "tests.ray.test_train_grpo:dies_once", "weight": 0.0})
+    try:
+        result = train(cfg)
+    finally:
+        os.unlink(KILL_PLAN)
+    assert (tmp_path / "killed").exists(), "the training worker was not killed"
+    assert result["status"] == "finished" and result["step"] == iterations, result
+    records = read_metrics(tmp_path / "grpo")
+    starts = [r for r in records if r.get("event") == "start"]
+    assert [(s["step"], s["resumed"]) for s in starts] == [(0, False), (2, True)]
+    steps = [r for r in records if "event" not in r and "reward_mean" in r]
+    # the resumed attempt dropped what the killed one logged after its checkpoint (iteration 3) and did it again
+    assert [r["step"] for r in steps] == list(range(1, iterations + 1))
+    assert all(r["policy_version"] == r["step"] - 1 and r["rollout_versions"] == [r["step"] - 1] for r in steps)
+    assert [r["lora_id"] for r in steps] == list(range(1, iterations + 1))
+    before, after = {e for r in steps[:2] for e in r["engines"]}, {e for r in steps[2:] for e in r["engines"]}
+    assert len(before) == len(after) == 1 and before != after, "a new engine after the restart"
+    order = StreamOrder(train_prompt_count(dataset), seed=0)
+    assert [r["prompts"] for r in steps] == [order.global_batch(s, 4).tolist() for s in range(iterations)]

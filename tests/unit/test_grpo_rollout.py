@@ -46,7 +46,7 @@ def pool(spawned: list, calls: list, dies: dict[str, set[int]]) -> RolloutPool:
         spawned.append(name)
         return FakeActor(name, dies.get(name, set()), calls)
 
-    return RolloutPool("/base", SimpleNamespace(num_actors=2), 8, 0, spawn=spawn)
+    return RolloutPool("/base", SimpleNamespace(num_actors=2, weight_sync="auto", actor_gpus=0), 8, 0, spawn=spawn)
 
 
 def test_a_dead_actor_is_replaced_and_only_its_prompts_asked_again_with_the_current_policy(fake_ray):
