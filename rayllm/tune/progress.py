@@ -1,5 +1,5 @@
 """The console's line for a sweep, fed by a Tune callback on the driver: trials done of the grid,
-the running trials' steps, the best validation loss so far."""
+the running trials' steps, the best value so far of the figure trials are ranked by (tune.metric)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from rayllm import console
 
 
 class SweepView:
-    """The sweep's progress line: trials done of the grid, the running trials' steps, the best val loss."""
+    """The sweep's progress line: trials done of the grid, the running trials' steps, the best value of
+    `metric` (val_loss: lowest; the DPO figures: highest), as tune.metric ranks the trials."""
 
-    def __init__(self, bar, expected: int, max_steps: int):
+    def __init__(self, bar, expected: int, max_steps: int, metric: str = "val_loss"):
         self.bar, self.expected, self.max_steps = bar, expected, max_steps
+        self.metric, self.higher = metric, metric != "val_loss"
+        self.label = "best val" if metric == "val_loss" else f"best {metric}"
         self.started = time.time()
         self.steps: dict[str, int] = {}
         self.best: float | None = None
@@ -23,8 +26,9 @@ class SweepView:
     def trial_result(self, trial_id: str, result: dict) -> None:
         if "step" in result:
             self.steps[trial_id] = int(result["step"])
-        if isinstance(result.get("val_loss"), (int, float)):
-            self.best = result["val_loss"] if self.best is None else min(self.best, result["val_loss"])
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)):
+            self.best = value if self.best is None else (max if self.higher else min)(self.best, value)
 
     def trial_done(self, trial_id: str, failed: bool) -> None:
         self.done.add(trial_id)
@@ -38,7 +42,7 @@ class SweepView:
         parts = [f"trials {len(done)}/{self.expected} done"]
         parts += [f"{t.trial_id} step {self.steps.get(t.trial_id, 0)}/{self.max_steps}" for t in running]
         if self.best is not None:
-            parts.append(f"best val {self.best:.4f}")
+            parts.append(f"{self.label} {self.best:.4f}")
         parts.append(console.clock_text(time.time() - self.started))
         self.bar.update("  ".join(parts))
 

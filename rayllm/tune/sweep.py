@@ -143,7 +143,7 @@ def run(cfg: RayllmConfig, address: str | None = None) -> dict[str, Any]:
         tune.with_parameters(_trial, base=base, trials_dir=str(trials_dir), group=t.name), {"CPU": 0.01})
     started = time.time()
     with ray_session(address, dashboard=True), console.get().progress(f"sweep {t.name}") as bar:
-        TrialProgress.view = SweepView(bar, grid_size(t), cfg.train.max_steps)
+        TrialProgress.view = SweepView(bar, grid_size(t), cfg.train.max_steps, t.metric)
         if resuming:
             console.get().say(f"sweep {t.name}: resuming {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

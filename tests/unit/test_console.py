@@ -186,6 +186,24 @@ def test_sweep_line_counts_trials_and_the_callback_pickles_without_its_view():
     callback.on_trial_complete(4, [a, b], b)  # no sweep running: nothing to show, no error
 
 
+def test_sweep_line_shows_the_best_of_the_metric_trials_are_ranked_by():
+    """A DPO sweep ranked by val preference accuracy: the highest value is the best, under its own name."""
+    from types import SimpleNamespace
+
+    from rayllm.tune.progress import SweepView
+
+    out = io.StringIO()
+    con = console.Console(out, tty=False, every_s=0.0)
+    trial = SimpleNamespace(trial_id="t0", status="RUNNING")
+    with con.progress("sweep dpo") as bar:
+        view = SweepView(bar, expected=1, max_steps=24, metric="val_rewards/accuracies")
+        for step, accuracy in ((6, 0.5), (12, 0.75), (18, 0.625)):
+            view.trial_result("t0", {"step": step, "val_loss": 0.6, "val_rewards/accuracies": accuracy})
+            view.show([trial])
+    assert re.sub(r"  \d+:\d\d$", "", out.getvalue().splitlines()[-1]) == \
+        "[rayllm] sweep dpo  trials 0/1 done  t0 step 18/24  best val_rewards/accuracies 0.7500"
+
+
 def test_verbose_session_redirects_nothing_and_writes_no_log(tmp_path, capsys):
     with console.session(tmp_path / "rayllm.log", verbose=True) as con:
         print("a library's print")
