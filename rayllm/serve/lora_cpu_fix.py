@@ -190,11 +190,12 @@ class _Plan:
             out[rows] = inputs[rows] @ weights[slot].to(dtype).T
         return out
 
-    def add_linear(self, y: torch.Tensor, x: torch.Tensor, a_slices, b_slices, scale: float, widths, slots=((), (), ())) -> None:
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, a_slices, b_slices, scale: float, widths, slots) -> None:
         """`y[:, slice i] += (x @ A_i[slot].T * scale) @ B_i[slot].T` for every token with an adapter:
         vLLM's `add_lora_linear` for kinds `one`, `grouped` and `per_adapter`. Computed in fp32 on fp32
-        copies of the weights cut to the adapters' rank (`_fp32`, with the engine's `slots`); the tokens gathered into the grid
-        once per call and the slices' results written back with one add, not once per slice and op;
+        copies of the weights cut to the adapters' rank (`_fp32`, with the engine's `slots`); the tokens
+        gathered into the grid once per call and the slices' results written back with one add, not
+        once per slice and op;
         the shrink result goes straight into the expand (no fp32 buffer round trip)."""
         x = x.float()
         total = sum(widths)
@@ -310,13 +311,14 @@ def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_s
     """vLLM's add_lora_linear through the step's plan: no LoRA work for an all-base batch, and no fp32
     buffer between shrink and expand and fp32 products otherwise (see `_Plan.add_linear`)."""
     x2 = x.view(-1, x.shape[-1])
-    plan = _plan_for(self, x2)
-    if plan is None or buffer is not None:
+    plan, slots = _plan_for(self, x2), getattr(self, "_rayllm_slots", None)
+    if plan is None or buffer is not None or (slots is None and plan.kind != "none"):
+        # No slot state recorded (adapters activated some other way): the fp32 copies could not tell
+        # when a slot's weights change, so vLLM's path (through the planned shrink/expand) instead.
         return ORIGINALS["PunicaWrapperCPU.add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                                             output_slices, buffer=buffer, **kwargs)
     if plan.kind != "none":
-        plan.add_linear(y.view(-1, y.shape[-1]), x2, lora_a_stacked, lora_b_stacked, scale, output_slices,
-                        getattr(self, "_rayllm_slots", ((), (), ())))
+        plan.add_linear(y.view(-1, y.shape[-1]), x2, lora_a_stacked, lora_b_stacked, scale, output_slices, slots)
 
 
 def _add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs):

@@ -274,3 +274,19 @@ def test_logits_lora_skipped_when_no_adapter_of_the_batch_has_lm_head_weights():
     with_lm_head.add_lora_logits(out, x, a, b, 1.0)
     idx = with_lm_head.sampler_indices
     torch.testing.assert_close(out, y + reference(reference(x, a, idx), b, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_recorded_slot_state_the_fp32_copies_are_not_used():
+    """Adapters activated without the wrapped activate_adapter leave no slot state: an fp32 copy could
+    then be stale, so add_lora_linear takes vLLM's path (planned shrink/expand) on the live weights."""
+    ids = (1, 2, 0)
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(4, 1, 4, 16, generator=g),), (torch.randn(4, 1, 10, 4, generator=g),)
+    a[0]._rayllm_fp32 = b[0]._rayllm_fp32 = ((), 4, None)  # a copy that must not be read
+    punica = _wrapper_with(ids, None)
+    del punica._rayllm_slots
+    x, y = torch.randn(3, 16, generator=g), torch.randn(3, 10, generator=g)
+    out = y.clone()
+    punica.add_lora_linear(out, x, a, b, 1.0, (10,))
+    idx = punica.token_lora_indices
+    torch.testing.assert_close(out, y + reference(reference(x, a[0], idx), b[0], idx), rtol=1e-5, atol=1e-5)
