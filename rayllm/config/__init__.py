@@ -20,7 +20,7 @@ from rayllm.config.tune import LearningRateSpace, TuneConfig
 
 
 class RayllmConfig(Section):
-    storage: str | None = Field(None, description="Root every relative artifact path (data.output_dir, data.tokenizer.path, model.path, train.dataset, train.output_dir, tune.output_dir, eval.dataset, eval.output_dir, registry.path, registry.cache_dir, serve.model, serve.stage_dir, serve.adapters folders) is resolved against: a directory every node of the cluster sees (also RAYLLM_STORAGE); empty: the working directory. An object-store URI (s3://bucket/prefix) holds run dirs (train.output_dir) and the registry; the other keys then need absolute paths on a shared disk.")
+    storage: str | None = Field(None, description="Root every relative artifact path (data.output_dir, data.tokenizer.path, model.path, train.dataset, train.output_dir, tune.output_dir, eval.dataset, eval.output_dir, registry.path, registry.cache_dir, serve.model, serve.stage_dir, serve.state_dir, serve.adapters folders) is resolved against: a directory every node of the cluster sees (also RAYLLM_STORAGE); empty: the working directory. An object-store URI (s3://bucket/prefix) holds run dirs (train.output_dir) and the registry; the other keys then need absolute paths on a shared disk.")
     data: DataConfig | None = Field(None, description="Data preparation (`rayllm prepare`).")
     model: ModelConfig | None = Field(None, description="The model trained or fine-tuned (`rayllm train`).")
     train: TrainConfig | None = Field(None, description="Training run (`rayllm train`).")

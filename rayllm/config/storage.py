@@ -26,13 +26,13 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("dataset", "output_dir"),
     "tune": ("output_dir",),
     "registry": ("path", "cache_dir"),
-    "serve": ("model", "stage_dir", "adapters"),
+    "serve": ("model", "stage_dir", "state_dir", "adapters"),
     "eval": ("dataset", "output_dir"),  # target paths: resolved by rayllm.eval.targets
 }
 # Keys whose stage reads and writes local files (through Ray Train, vLLM or a tokenizer); they
 # may not resolve to an object-store URI.
 LOCAL_ONLY = {"data.output_dir", "data.tokenizer.path", "model.path", "train.dataset",
-              "tune.output_dir", "serve.model", "serve.stage_dir", "eval.dataset", "eval.output_dir"}  # serve.adapters folders may be remote URIs
+              "tune.output_dir", "serve.model", "serve.stage_dir", "serve.state_dir", "eval.dataset", "eval.output_dir"}  # serve.adapters folders may be remote URIs
 
 
 def resolve(root: str, value: str) -> str:

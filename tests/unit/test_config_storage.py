@@ -9,7 +9,7 @@ RAW = {
     "model": {"path": "runs/train/pretrain/model", "lora": {"rank": 4}},
     "train": {"dataset": "runs/data/sft", "output_dir": "/abs/train"},
     "tune": {"output_dir": "runs/sweeps"},
-    "serve": {"model": "smollm2", "adapters": {"a": "runs/train/a/adapter", "b": "s3://bucket/b"}},
+    "serve": {"model": "smollm2", "adapters": {"a": "runs/train/a/adapter", "b": "s3://bucket/b"}, "state_dir": "runs/serve-state"},
 }
 
 
@@ -24,6 +24,7 @@ def test_relative_artifact_paths_resolve_against_storage(monkeypatch):
     assert cfg.registry.path == "/shared/rayllm/runs/registry"  # the default is resolved too
     assert cfg.registry.cache_dir == "/shared/rayllm/runs/registry-cache"
     assert cfg.serve.adapters == {"a": "/shared/rayllm/runs/train/a/adapter", "b": "s3://bucket/b"}
+    assert cfg.serve.state_dir == "/shared/rayllm/runs/serve-state"  # every ingress replica reads the same record
     # Absolute paths, keywords and raw inputs stay as written.
     assert cfg.train.output_dir == "/abs/train" and cfg.serve.model == "smollm2"
     assert cfg.data.inputs == ["jobs/data/x.jsonl", "botchan"]
@@ -48,7 +49,7 @@ def test_object_store_root_holds_the_registry_and_refuses_local_only_keys(monkey
     with pytest.raises(ConfigError) as err:
         parse_config({**RAW, "storage": "s3://bucket/team"})
     text = str(err.value)
-    for key in ("data.output_dir", "data.tokenizer.path", "model.path", "train.dataset", "tune.output_dir"):
+    for key in ("data.output_dir", "data.tokenizer.path", "model.path", "train.dataset", "tune.output_dir", "serve.state_dir"):
         assert f"{key}: " in text
     assert "train.output_dir: " not in text  # absolute: fine
     # Run dirs and checkpoints may live on the object store (Ray Train persists checkpoints there).
