@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from rayllm.registry.fingerprint import read_json, write_json_atomic
+from rayllm.registry.fingerprint import json_blob, parse_json_object, read_json, write_json_atomic
 from rayllm.registry.names import RegistryError
 
 LOCK_FILE = ".lock"  # not a valid adapter name (it starts with '.'), so listings skip it
@@ -73,14 +72,7 @@ class AliasFiles:
             if _status(e) == 404:
                 return None, None
             raise
-        blob = got["Body"].read()
-        try:
-            data = json.loads(blob.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RegistryError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise RegistryError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        return data, got["ETag"]
+        return parse_json_object(got["Body"].read(), where), got["ETag"]
 
     def write(self, path: str, data: dict[str, Any], token: str | None, existed: bool) -> str | None:
         """Replace `path` if it still has `token` (create it if it did not exist); WriteConflict otherwise.
@@ -90,9 +82,8 @@ class AliasFiles:
             return None
         bucket, key = _bucket_key(self.fs, path)
         condition = {"IfMatch": token} if existed else {"IfNoneMatch": "*"}
-        blob = json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
         try:
-            return self._s3.put_object(Bucket=bucket, Key=key, Body=blob, ContentType="application/json", **condition)["ETag"]
+            return self._s3.put_object(Bucket=bucket, Key=key, Body=json_blob(data), ContentType="application/json", **condition)["ETag"]
         except Exception as e:  # noqa: BLE001
             if _status(e) in (404, 409, 412):  # changed, removed, or another conditional write in flight
                 raise WriteConflict(f"{self.fs.unstrip_protocol(path)} changed while it was written") from None

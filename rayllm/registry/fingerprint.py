@@ -124,13 +124,23 @@ def read_json(fs: AbstractFileSystem, path: str, where: str | None = None) -> di
         if not fs.exists(path):
             return None
         raise
+    return parse_json_object(blob, where or path)
+
+
+def parse_json_object(blob: bytes, where: str) -> dict[str, Any]:
+    """The JSON object in `blob` (a registry record's bytes); RegistryError naming `where` otherwise."""
     try:
         data = json.loads(blob.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{where or path}: not valid JSON ({e})") from e
+        raise RegistryError(f"{where}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise RegistryError(f"{where or path}: expected a JSON object, got {type(data).__name__}")
+        raise RegistryError(f"{where}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def json_blob(data: dict[str, Any]) -> bytes:
+    """How every registry record is written: indented, keys sorted, UTF-8."""
+    return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
 
 
 def write_json_atomic(fs: AbstractFileSystem, path: str, data: dict[str, Any], local: bool) -> None:
@@ -138,7 +148,7 @@ def write_json_atomic(fs: AbstractFileSystem, path: str, data: dict[str, Any], l
 
     Readers of manifests and aliases therefore see the old content or the new, never a torn file.
     """
-    blob = json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+    blob = json_blob(data)
     if not local:
         fs.pipe_file(path, blob)
         return
