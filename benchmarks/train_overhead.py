@@ -9,8 +9,8 @@ else fp32) on one prepared dataset (seq_len 256, the test fixture corpus and BPE
 micro-batch 4, ZeRO-2, gloo, one torch thread per rank.
   rayllm:   `python -m rayllm train CONFIG` in a subprocess, exactly as a user runs it: preflight,
             a private local Ray, a TorchTrainer of 2 workers × 0.5 CPU, rayllm's loop with its
-            metrics.jsonl every `logging_steps` (10). Ray workers run at niceness 0
-            (RAY_worker_niceness=0), like the baseline processes.
+            metrics.jsonl every `logging_steps` (10). Its Ray workers run at niceness 0, like the
+            baseline processes (rayllm.ray_session sets that for a Ray it starts).
   baseline: benchmarks/_ds_baseline.py under `deepspeed --num_accelerators 2` (no Ray): the same
             RunSpec the rayllm workers receive (pickled), hence the same model, seed, DeepSpeed
             config (rayllm.train.zero.deepspeed_config), data order and batch shape.
@@ -136,7 +136,6 @@ def side_rayllm(work: Path, raw: dict, steps: int, warmup: int, tokens_per_step:
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "run_name": name}}, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
-    env["RAY_worker_niceness"] = "0"
     wall, cpu = run_logged([PY, "-m", "rayllm", "train", str(cfg_path)], work / f"{name}.log", env, timeout)
     records = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = next(r for r in records if r.get("event") == "start")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
-from rayllm.ray_session import LOCAL_TRAIN_ENV, restore_env
+from rayllm.ray_session import LOCAL_RAY_ENV, restore_env
 
 # Inherited by Ray's own processes (the Serve controller, replicas, Train workers): they must be in
 # the environment when the raylet starts. As `rayllm serve` runs it; no load balancer to wait for.
@@ -22,7 +22,7 @@ _RAY_PROCESS_ENV = {
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    **LOCAL_TRAIN_ENV,  # as a Ray that rayllm starts locally
+    **LOCAL_RAY_ENV,  # as a Ray that rayllm starts locally
 }
 
 

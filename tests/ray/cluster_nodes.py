@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayllm.ray_session import LOCAL_TRAIN_ENV
+from rayllm.ray_session import LOCAL_RAY_ENV
 
 BIN = Path(sys.executable).parent
 
@@ -50,7 +50,7 @@ class LocalCluster:
         self.temp_dirs: list[str] = []
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
-                    **LOCAL_TRAIN_ENV}  # a small test cluster that is never drained: as a local Ray
+                    **LOCAL_RAY_ENV}  # a small test cluster that is never drained: as a local Ray
         self.env.pop("RAY_ADDRESS", None)
         # Ray Train asks this state API whether its runs live (see tests/shared_ray.py): this cluster's own.
         self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
