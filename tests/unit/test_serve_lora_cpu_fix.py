@@ -260,6 +260,37 @@ def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(
         a[0][1, :, :2] = torch.randn(1, 2, 16, generator=g)  # slot 1 gets another adapter before the next state
 
 
+def test_activation_refreshes_the_fp32_copies_in_the_background_and_a_newer_one_supersedes_it():
+    """After an adapter is activated into slot 1, a background thread brings every copy made so far up
+    to the new slot state (what the adapter's first request would otherwise do itself); a thread whose
+    state was superseded by a newer activation leaves the copies to the newer one."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)
+    b = torch.randn(3, 1, 10, 4, generator=g).to(torch.bfloat16)
+    fresh = torch.zeros(3, 1, 4, 16, dtype=torch.bfloat16)  # no copy made yet: left alone
+    old = ((1, 1, 1), (4, 4, 4), (False,) * 3)
+    fix._fp32(a, 2, old), fix._fp32(b, 3, old)
+    manager = SimpleNamespace(modules={"q": SimpleNamespace(lora_a_stacked=(a, fresh), lora_b_stacked=(b,))})
+    a[1] = torch.randn(1, 4, 16, generator=g)
+    b[1] = torch.randn(1, 10, 4, generator=g)
+    new = ((1, 2, 1), (4, 4, 4), (False,) * 3)
+    manager._rayllm_slots = new
+    fix._refresh_after_activation(manager, new).join(timeout=30)
+    for weights in (a, b):
+        gens, _, copy = weights._rayllm_fp32
+        assert gens is new[0] and torch.equal(copy, weights.float())
+    assert not hasattr(fresh, "_rayllm_fp32")
+
+    a[2] = torch.randn(1, 4, 16, generator=g)
+    superseded = ((1, 2, 2), (4, 4, 4), (False,) * 3)
+    manager._rayllm_slots = ((1, 2, 3), (4, 4, 4), (False,) * 3)  # activated once more since
+    fix._refresh_after_activation(manager, superseded).join(timeout=30)
+    assert a._rayllm_fp32[0] is new[0]  # untouched: the newer activation's thread does it
+    assert torch.equal(fix._fp32(a, 2, manager._rayllm_slots), a.float())  # and a step would itself
+
+
 def test_logits_lora_skipped_when_no_adapter_of_the_batch_has_lm_head_weights():
     ids = (1, 2, 0)
     g = torch.Generator().manual_seed(4)
