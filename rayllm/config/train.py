@@ -108,6 +108,7 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker holds (fractions let 2 workers share a 2-core machine with the driver).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; false: CPU with gloo and DeepSpeed's CPU accelerator.")
+    bind_cores: bool = Field(True, description="CPU training: pin each rank's compute thread to its own share of the cores it may use, split evenly among the ranks on its node by local rank (what DeepSpeed's launcher does with --bind_cores_to_rank); false: the OS moves the threads between cores. Ignored with use_gpu.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass (TrainingArguments: per_device_train_batch_size).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step (TrainingArguments: same name).")
     max_steps: int = Field(100, ge=1, description="Optimizer steps of the whole run; the LR schedule spans them (TrainingArguments: max_steps).")

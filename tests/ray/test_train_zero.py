@@ -4,6 +4,7 @@ injected loss spike is rolled back."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ def test_zero_stage_trains_and_hands_on_a_model(ray_local, tiny_dataset, tmp_pat
     expected_dtype = resolve_dtype(VARIANTS[name].get("model", {}).get("dtype", "float32"), use_gpu=False)
     assert result["dtype"] == expected_dtype, "auto picks bf16 only where the CPU has it"
     assert losses[12] < losses[1] - 1.0, f"loss did not fall: {losses}"
+    start = next(m for m in read_metrics(run_dir) if m.get("event") == "start")
+    cores = sorted(os.sched_getaffinity(0))
+    assert start["cores"] == (cores[: len(cores) // 2] if len(cores) >= 2 else None), "rank 0 pinned to its half of the cores"
     evals = [m for m in read_metrics(run_dir) if m.get("event") == "eval"]
     assert [e["step"] for e in evals] == [4, 6, 8, 12] and math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]))
     assert result["val_loss"] == evals[-1]["val_loss"] < evals[0]["val_loss"]

@@ -132,3 +132,13 @@ def test_wandb_offline_writes_a_run(tmp_path, monkeypatch):
     log.log({"step": 1, "loss": 3.0})
     log.close()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_ranks_on_a_node_split_its_cores_evenly_and_never_share_one():
+    from rayllm.train.worker import core_share
+
+    assert [core_share([0, 1], r, 2) for r in range(2)] == [[0], [1]]
+    assert [core_share(list(range(8)), r, 3) for r in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert core_share([2, 5, 7, 9], 1, 2) == [7, 9]  # the cores this process may use, not 0..n
+    assert core_share([0, 1], 0, 1) is None  # one rank: nothing to split
+    assert core_share([0, 1], 2, 3) is None  # fewer cores than ranks: no binding
