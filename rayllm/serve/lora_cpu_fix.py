@@ -243,9 +243,9 @@ def _fp32(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
     slots' weights in fp32 beside vLLM's own (SmolLM2-135M, 8 slots of rank 8 on every projection:
     ~80 MB). `slots`: per adapter slot of the engine, a generation bumped when vLLM activates an adapter
     into it, and that adapter's largest rank (None: unknown); tuples replaced, never mutated, so an
-    unchanged state is recognised by identity. A background thread refreshes the copies as soon as an
-    adapter is activated (`_refresh_after_activation`), so a hot-loaded adapter's first request seldom
-    waits for it; the lock keeps the two from writing one copy at once."""
+    unchanged state is recognised by identity. A background thread also refreshes the copies as soon as
+    an adapter is activated (`_refresh_after_activation`); the lock keeps the two from writing one copy
+    at once."""
     cached = getattr(weights, "_rayllm_fp32", None)
     if cached is not None and cached[0] is slots[0]:
         return cached[2]
@@ -277,9 +277,11 @@ def _refresh_after_activation(manager, slots) -> threading.Thread | None:
     """Bring the engine's fp32 copies (`_fp32`) up to `slots` in a background thread, one weight tensor at
     a time: vLLM activates an adapter when it is loaded (add_lora), and copying its slot (~7 ms for
     SmolLM2-135M, rank 8 on every projection, mostly the bf16 -> fp32 conversion of 420 small tensors)
-    then overlaps the load route's answer and the next request's way in instead of delaying the
-    adapter's first token. Only copies already made are refreshed. A newer activation starts its own
-    thread and this one stops; a step that needs a copy first refreshes it itself (under the lock)."""
+    can then overlap the load route's answer and the next request's way in, instead of running inside
+    the adapter's first step. Not yet shown in a figure: benchmarks/serve_throughput.py --hot-only runs
+    no adapter traffic before its load, so no copies exist there to refresh. Only copies already made
+    are refreshed. A newer activation starts its own thread and this one stops; a step that needs a
+    copy first refreshes it itself (under the lock)."""
     tensors = []
     for module in getattr(manager, "modules", {}).values():
         for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):

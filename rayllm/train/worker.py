@@ -139,9 +139,9 @@ def core_share(cores: list[int], local_rank: int, local_world: int) -> list[int]
 
 
 def bind_cores(local_rank: int, local_world: int) -> list[int] | None:
-    """Pin the calling thread (the rank's compute thread; torch's intra-op threads, started later, follow
-    it) to its share of the cores this process may use (`core_share`), and return them. Threads that
-    already run stay where they are: Ray's and gloo's, which mostly wait. Why: in a Ray worker the
+    """Pin the calling thread (the rank's compute thread; threads it starts afterwards inherit the
+    binding) to its share of the cores this process may use (`core_share`), and return them. Threads
+    that already run stay where they are: Ray's and gloo's, which mostly wait. Why: in a Ray worker the
     compute thread shares the node with Ray's service threads and daemons, which wake often; pinned, it
     stays on one core with its cache instead of following them around (+2 % tokens/s in 400-step A/B
     runs of 2 ranks on 2 cores: 10,606 / 10,642 against 10,290-10,451)."""
