@@ -278,16 +278,19 @@ def _refresh_after_activation(manager, slots) -> threading.Thread | None:
     a time: vLLM activates an adapter when it is loaded (add_lora), and copying its slot (~7 ms for
     SmolLM2-135M, rank 8 on every projection, mostly the bf16 -> fp32 conversion of 420 small tensors)
     can then overlap the load route's answer and the next request's way in, instead of running inside
-    the adapter's first step. Not yet shown in a figure: benchmarks/serve_throughput.py --hot-only runs
-    no adapter traffic before its load, so no copies exist there to refresh. Only copies already made
-    are refreshed. A newer activation starts its own thread and this one stops; a step that needs a
-    copy first refreshes it itself (under the lock)."""
+    the adapter's first step. Copies not made yet are made here too (the first activation is vLLM's
+    start-up or the first load), so that no request converts every slot in its step; only for the linear
+    layers (vLLM's `*LinearWithLoRA` classes), the only ones whose LoRA reads the copies (`add_linear`).
+    A newer activation starts its own thread and this one stops; a step that needs a copy first
+    refreshes it itself (under the lock)."""
     tensors = []
     for module in getattr(manager, "modules", {}).values():
+        if "Linear" not in type(module).__name__:
+            continue
         for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):
             stacked = getattr(module, name, None)
             for weights in (stacked,) if isinstance(stacked, torch.Tensor) else (stacked or ()):
-                if isinstance(weights, torch.Tensor) and getattr(weights, "_rayllm_fp32", None) is not None:
+                if isinstance(weights, torch.Tensor):
                     tensors.append((weights, rank_dim))
     if not tensors:
         return None

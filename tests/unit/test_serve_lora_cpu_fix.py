@@ -261,27 +261,36 @@ def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(
 
 
 def test_activation_refreshes_the_fp32_copies_in_the_background_and_a_newer_one_supersedes_it():
-    """After an adapter is activated into slot 1, a background thread brings every copy made so far up
-    to the new slot state (what the adapter's first request would otherwise do itself); a thread whose
-    state was superseded by a newer activation leaves the copies to the newer one."""
+    """After an adapter is activated into slot 1, a background thread brings every linear layer's copy
+    up to the new slot state, making the ones not made yet (what the adapter's first request would
+    otherwise do itself), and leaves the logits layer alone; a thread whose state was superseded by a
+    newer activation leaves the copies to the newer one."""
     from types import SimpleNamespace
+
+    class QKVParallelLinearWithLoRA(SimpleNamespace):  # vLLM's class names: which layers read copies
+        pass
+
+    class LogitsProcessorWithLoRA(SimpleNamespace):
+        pass
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)
     b = torch.randn(3, 1, 10, 4, generator=g).to(torch.bfloat16)
-    fresh = torch.zeros(3, 1, 4, 16, dtype=torch.bfloat16)  # no copy made yet: left alone
+    fresh = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)  # no copy made yet: made now
+    logits = torch.zeros(3, 1, 4, 16, dtype=torch.bfloat16)  # never copied
     old = ((1, 1, 1), (4, 4, 4), (False,) * 3)
     fix._fp32(a, 2, old), fix._fp32(b, 3, old)
-    manager = SimpleNamespace(modules={"q": SimpleNamespace(lora_a_stacked=(a, fresh), lora_b_stacked=(b,))})
+    manager = SimpleNamespace(modules={"q": QKVParallelLinearWithLoRA(lora_a_stacked=(a, fresh), lora_b_stacked=(b,)),
+                                       "lm_head": LogitsProcessorWithLoRA(lora_a_stacked=logits, lora_b_stacked=None)})
     a[1] = torch.randn(1, 4, 16, generator=g)
     b[1] = torch.randn(1, 10, 4, generator=g)
     new = ((1, 2, 1), (4, 4, 4), (False,) * 3)
     manager._rayllm_slots = new
     fix._refresh_after_activation(manager, new).join(timeout=30)
-    for weights in (a, b):
+    for weights in (a, b, fresh):
         gens, _, copy = weights._rayllm_fp32
         assert gens is new[0] and torch.equal(copy, weights.float())
-    assert not hasattr(fresh, "_rayllm_fp32")
+    assert not hasattr(logits, "_rayllm_fp32")
 
     a[2] = torch.randn(1, 4, 16, generator=g)
     superseded = ((1, 2, 2), (4, 4, 4), (False,) * 3)
