@@ -50,7 +50,10 @@ class LocalCluster:
         self.temp_dirs: list[str] = []
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
-                    **LOCAL_RAY_ENV}  # a small test cluster that is never drained: as a local Ray
+                    **LOCAL_RAY_ENV,  # a small test cluster that is never drained: as a local Ray
+                    # Torn down whole: on SIGTERM a node otherwise waits up to 30 s for its Serve
+                    # replicas to move elsewhere (Ray's drain on SIGTERM), and there is nowhere to go.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("RAY_ADDRESS", None)
         # Ray Train asks this state API whether its runs live (see tests/shared_ray.py): this cluster's own.
         self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
