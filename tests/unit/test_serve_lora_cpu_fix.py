@@ -287,9 +287,9 @@ def test_activation_refreshes_the_fp32_copies_in_the_background_and_a_newer_one_
     new = ((1, 2, 1), (4, 4, 4), (False,) * 3)
     manager._rayllm_slots = new
     fix._refresh_after_activation(manager, new).join(timeout=30)
-    for weights in (a, b, fresh):
+    for weights, rank_first in ((a, a), (b, b.transpose(-1, -2)), (fresh, fresh)):  # expand weights stored rank first
         gens, _, copy = weights._rayllm_fp32
-        assert gens is new[0] and torch.equal(copy, weights.float())
+        assert gens is new[0] and torch.equal(copy, rank_first.float())
     assert not hasattr(logits, "_rayllm_fp32")
 
     a[2] = torch.randn(1, 4, 16, generator=g)
