@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _quiet import cpu_capability, note, window  # noqa: E402
 
+from rayllm.dtypes import bf16_supported  # noqa: E402
 from rayllm.serve import lora_cpu_fix as fix  # noqa: E402
 
 LAYERS, SLOTS, RANK, HIDDEN = 30, 8, 16, 576
@@ -80,7 +81,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     fix.ORIGINALS.update({n: getattr(ops, n) for n in fix._PATCHED_NAMES if getattr(ops, n) is not getattr(fix, n)})
-    dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if bf16_supported(False) else torch.float32
     cap = cpu_capability()
     weights = layer_weights(dtype)
     print(f"# lora_ops: SmolLM2-135M shapes, {LAYERS} layers, {SLOTS} slots of rank {RANK}, {dtype}, CPU capability {cap}")

@@ -55,6 +55,19 @@ def test_the_hardware_answers_are_plain_values():
     assert isinstance(dtypes.cpu_capability(), str) and dtypes.cpu_capability()
 
 
+def test_an_avx512_cpu_without_bf16_instructions_computes_in_fp32(monkeypatch):
+    """oneDNN says bf16 is supported on any AVX-512 CPU; only AVX-512 BF16 or AMX run it at speed."""
+    import torch
+
+    monkeypatch.setattr(dtypes.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert dtypes.bf16_supported(False) is expected
+        assert resolve_dtype("auto", use_gpu=False) == ("bfloat16" if expected else "float32")
+
+
 def test_serving_keeps_vllms_auto_on_gpu_and_the_shared_rule_on_cpu(no_bf16):
     from rayllm.serve.vllm_engine import resolve_dtype as engine_dtype
 
