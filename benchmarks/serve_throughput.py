@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it, else fp32")
+    ap.add_argument("--cpu-threads", type=int, help="rayllm's serve.cpu_threads (default: its own default)")
     ap.add_argument("--topologies", default="split,single", help="rayllm topologies to measure (serve.topology)")
     ap.add_argument("--hot-only", action="store_true", help="measure adapter hot-load only (one round, no throughput loads)")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -216,7 +217,7 @@ def main() -> None:
                 build_adapter(base, folder, seed=100 + i, scale=0.02)
         prompt, model_name = "Write one sentence about the sea.", "SmolLM2-135M-Instruct"
     mixed = list(adapters)
-    print(f"# serve_throughput: {model_name}, dtype {dtype}, {machine()}")
+    print(f"# serve_throughput: {model_name}, dtype {dtype}, {machine()}, rayllm cpu_threads {args.cpu_threads or 'default'}")
     print(f"# {args.requests} streaming requests x {args.max_tokens} tokens, concurrency {args.concurrency}, "
           f"{args.rounds} alternating rounds; base-only vs {len(mixed)} adapters round-robin", flush=True)
 
@@ -245,7 +246,12 @@ def main() -> None:
     registry.publish("fresh", str(adapters["x7"]))
     serve = {"model": str(base), "dtype": dtype, "max_model_len": 512, "max_loras": 8, "max_cpu_loras": 10,
              "max_lora_rank": 16, "adapters": {n: str(p) for n, p in adapters.items()}, "admin_key": "bench",
-             "replica_cpus": 1, "lora_roots": [str(adapters["x3"].parent)]}
+             "replica_cpus": 1, "lora_roots": [str(adapters["x3"].parent)],
+             # loaded at start, as plain vLLM loads its --lora-modules: otherwise each round's first
+             # mixed requests wait for 8 lazy loads that the other side never does
+             "preload_adapters": list(adapters)}
+    if args.cpu_threads:
+        serve["cpu_threads"] = args.cpu_threads
     ServeConfig.model_validate(serve)
     topologies = args.topologies.split(",")
     servers = ["vllm", *(f"rayllm-{t}" for t in topologies)]

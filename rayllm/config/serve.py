@@ -109,7 +109,7 @@ class ServeConfig(Section):
     num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each); topology single needs 1.")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray).")
     cpu_executor: Literal["uni", "mp"] = Field("uni", description="CPU only: uni runs the model inside vLLM's engine-core process; mp is vLLM's default, a separate worker process beside an engine core that keeps one core busy polling it (2 cores, SmolLM2, 8 streams, topology single: 111 tok/s against 123 under uni).")
-    cpu_threads: int | None = Field(None, ge=1, description="CPU only: threads the engine computes with (OMP_NUM_THREADS of the engine); empty: vLLM's own count, the cores the replica may run on less one (left to the serving layer).")
+    cpu_threads: int | None = Field(None, ge=1, description="CPU only: threads the engine computes with (OMP_NUM_THREADS of the engine); empty: in bf16 the cores the replica may run on less one (left to the serving layer), in fp32 all of them (measured, benchmarks/README.md).")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs each LLM replica reserves (1 on a GPU cluster: Ray places the replica on a GPU node and vLLM runs on CUDA there).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale the LLM deployment between min and max replicas instead of a fixed num_replicas (topology split).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one LLM replica accepts at once before Serve queues or routes elsewhere.")

@@ -58,28 +58,32 @@ def engine_cli_args(cfg: ServeConfig, dtype: str, on_gpu: bool, chat_template: s
     return args
 
 
-def cpu_engine_env(cfg: ServeConfig) -> dict[str, str]:
-    """Environment of a CPU engine, set in the replica before vLLM starts its engine-core process.
+def cpu_engine_env(cfg: ServeConfig, dtype: str) -> dict[str, str]:
+    """Environment of a CPU engine computing in `dtype`, set in the replica before vLLM starts its
+    engine-core process.
 
     vLLM's default CPU executor runs the model in a worker process and keeps its engine core
     polling that worker on a core of its own (vLLM's "TODO: make scheduler proc sleep when idle");
     on a 2-core machine that core is half the machine. With `uni` the model runs inside the engine
     core, whose loop blocks while idle; vLLM accepts `uni` on CPU only with
     VLLM_ENABLE_V1_MULTIPROCESSING=0, which the async engine a replica runs does not otherwise read.
-    Measured on 2 cores (SmolLM2 bf16, 8 streams): uni with one thread gave the same tokens/s as
-    vLLM's default with the second core left free for the serving layer.
     """
     env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
     if cfg.cpu_executor == "uni":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or default_cpu_threads())
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or default_cpu_threads(dtype))
     return env
 
 
-def default_cpu_threads() -> int:
-    """vLLM's own count for its CPU worker: the cores this process may run on, less one left to the
-    rest (here the serving layer, where vLLM leaves it to its polling engine core)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+def default_cpu_threads(dtype: str) -> int:
+    """The engine's compute threads when serve.cpu_threads is empty, from the cores this process may
+    run on. Measured on 2 cores, SmolLM2-135M, 8 streams (benchmarks/README.md): in bf16 on an
+    AMX CPU one thread, the other core left to the serving layer, matched plain vLLM (two threads:
+    TTFT p50 150 -> 210 ms, the OpenMP threads competing with the serving layer); in fp32 on an
+    AVX-512 CPU without BF16, where a decode step takes 4x longer, one thread gave 0.71x plain
+    vLLM's tokens/s and two threads 1.14x, TTFT p50 -15 %."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - 1) if dtype == "bfloat16" else cores
 
 
 def _tokenizer_has_chat_template(model_dir: str) -> bool:
@@ -114,7 +118,7 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         self.dtype = resolve_dtype(self.cfg.dtype, on_gpu)
         if not on_gpu:
-            os.environ.update(cpu_engine_env(self.cfg))
+            os.environ.update(cpu_engine_env(self.cfg, self.dtype))
         template = None
         if not _tokenizer_has_chat_template(self.cfg.model):
             from rayllm.chat import DEFAULT_CHAT_TEMPLATE

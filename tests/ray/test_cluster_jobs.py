@@ -55,7 +55,7 @@ def test_prepare_finetune_deploy_on_two_nodes(tmp_path):
                   "warmup_steps": 1, "eval_every": 3, "save_every": 3, "eval_batches": 1, "logging_steps": 1,
                   "report_to": ["jsonl"]}})
     deploy = _write(confs / "deploy.yaml", {
-        "serve": {"model": "runs/base", "served_model_name": "base", "dtype": "float32", "max_model_len": 128,
+        "serve": {"model": "runs/base", "served_model_name": "base", "dtype": "float32", "max_model_len": 128, "cpu_threads": 1,
                   "max_lora_rank": 8, "replica_cpus": 1, "adapters": {"ft": "runs/train/ft/adapter"}, "port": port}})
 
     with LocalCluster(tmp_path / "ray-logs", nodes=2, cpus=1) as cluster:

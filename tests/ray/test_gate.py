@@ -149,7 +149,7 @@ def setup(tmp_path_factory, _shared_ray):
         registry.publish("g", str(folder))  # g@v1 as trained, g@v2 another alpha, g@v3 another base, g@v4 = g@v1
     dpo_folder, dpo_trainer = _dpo_version(root, world.base, good, base_fingerprint(world.base))
     registry.publish("d", str(dpo_folder))  # d@v1: judged on its DPO figures
-    cfg = ServeConfig(model=str(world.base), served_model_name="base", dtype="float32", max_model_len=128,
+    cfg = ServeConfig(model=str(world.base), served_model_name="base", dtype="float32", max_model_len=128, cpu_threads=1,
                       max_num_seqs=16, max_loras=2, max_cpu_loras=4, max_lora_rank=8, replica_cpus=1,
                       registry_refresh_s=0.5)
     _shared_ray.ensure()

@@ -72,7 +72,7 @@ def test_load_starts_a_second_replica_that_serves_then_scales_back(_shared_ray):
 
     world = cached_world()
     cfg = ServeConfig(
-        model=str(world.base), dtype="float32", max_model_len=256, max_num_seqs=8, replica_cpus=0.5,
+        model=str(world.base), dtype="float32", max_model_len=256, max_num_seqs=8, replica_cpus=0.5, cpu_threads=1,
         autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
                      "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2},
     )

@@ -29,7 +29,7 @@ def test_rayllm_serve_cli_end_to_end(tmp_path):
     Registry(str(tmp_path / "registry")).publish("a", str(world.adapters["a"]))
     port = free_port()
     config = {
-        "serve": {"model": str(world.base), "dtype": "float32", "max_model_len": 256, "port": port,
+        "serve": {"model": str(world.base), "dtype": "float32", "max_model_len": 256, "port": port, "cpu_threads": 1,
                   "adapters": {"b": str(world.adapters["b"])}, "preload_adapters": ["a@v1"], "replica_cpus": 1},
         # the default topology (single here) with the replica on serve.port itself; test_serve_stack.py covers split
         "registry": {"path": "registry"},  # relative: resolved where `rayllm serve` runs

@@ -72,7 +72,9 @@ def stack(tmp_path_factory, _shared_ray):
     weights = next(p for p in (root / "registry" / "corrupt" / "v1").iterdir() if p.name.endswith(".safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     cfg = ServeConfig(
-        model=str(world.base), served_model_name="base", dtype="float32", max_model_len=256, max_num_seqs=32,
+        # one compute thread (fp32's default is every core): the tiny model gains nothing from two, and
+        # the test driver keeps a core (two threads made the serve tests 30 s slower on 2 cores)
+        model=str(world.base), served_model_name="base", dtype="float32", max_model_len=256, max_num_seqs=32, cpu_threads=1,
         max_loras=2, max_cpu_loras=6, max_lora_rank=16, replica_cpus=1, registry_refresh_s=0.5, topology="split",
         adapters={name: str(world.adapters[name]) for name in ("b", "alien", "wide")},
         preload_adapters=["b"], api_keys=[KEY], admin_key=ADMIN, playground=True,

@@ -63,17 +63,18 @@ def test_engine_args_parse_with_vllms_own_parser(tmp_path):
     assert ea.distributed_executor_backend == "uni"  # on CPU: no worker process beside a polling engine core
 
 
-def test_cpu_engine_runs_in_the_engine_core_with_vllms_thread_count(tmp_path, monkeypatch):
+def test_cpu_engine_runs_in_the_engine_core_with_threads_by_dtype(tmp_path, monkeypatch):
     from rayllm.serve.vllm_engine import cpu_engine_env
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    env = cpu_engine_env(ServeConfig(model=str(tmp_path), replica_cpus=2.5, kv_cache_gib=3))
+    env = cpu_engine_env(ServeConfig(model=str(tmp_path), replica_cpus=2.5, kv_cache_gib=3), "bfloat16")
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "3"}
+    assert cpu_engine_env(ServeConfig(model=str(tmp_path)), "float32")["OMP_NUM_THREADS"] == "4"  # every core
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert cpu_engine_env(ServeConfig(model=str(tmp_path)))["OMP_NUM_THREADS"] == "1"
-    assert cpu_engine_env(ServeConfig(model=str(tmp_path), cpu_threads=4))["OMP_NUM_THREADS"] == "4"
+    assert cpu_engine_env(ServeConfig(model=str(tmp_path)), "bfloat16")["OMP_NUM_THREADS"] == "1"
+    assert cpu_engine_env(ServeConfig(model=str(tmp_path), cpu_threads=4), "float32")["OMP_NUM_THREADS"] == "4"
     mp = ServeConfig(model=str(tmp_path), cpu_executor="mp")
-    assert cpu_engine_env(mp) == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert cpu_engine_env(mp, "float32") == {"VLLM_CPU_KVCACHE_SPACE": "1"}
     assert engine_cli_args(mp, "float32", False, None)[-2:] == ["--distributed-executor-backend", "mp"]
     assert "--distributed-executor-backend" not in engine_cli_args(mp, "float32", True, None)  # a GPU keeps vLLM's choice
 
