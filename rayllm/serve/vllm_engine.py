@@ -81,7 +81,8 @@ def default_cpu_threads(dtype: str) -> int:
     AMX CPU one thread, the other core left to the serving layer, matched plain vLLM (two threads:
     TTFT p50 150 -> 210 ms, the OpenMP threads competing with the serving layer); in fp32 on an
     AVX-512 CPU without BF16, where a decode step takes 4x longer, one thread gave 0.71x plain
-    vLLM's tokens/s and two threads 1.14x, TTFT p50 -15 %."""
+    vLLM's tokens/s and two threads 1.14x and 1.18x in two runs (TTFT p50 -15 % and -9 %, p99
+    about twice vLLM's)."""
     cores = len(os.sched_getaffinity(0))
     return max(1, cores - 1) if dtype == "bfloat16" else cores
 
