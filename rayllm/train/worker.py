@@ -80,6 +80,8 @@ def setup(spec: RunSpec) -> tuple[Run, ckpt.TrainState]:
     t, m = spec.train, spec.model
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")  # read when deepspeed is imported
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", spec.torch_extensions_dir)
+    if not t.use_gpu:
+        skip_shm_comm_build()
     import ray.train
     import torch
 
@@ -136,6 +138,26 @@ def core_share(cores: list[int], local_rank: int, local_world: int) -> list[int]
     if local_world <= 1 or len(cores) < local_world:
         return None
     return cores[local_rank * len(cores) // local_world: (local_rank + 1) * len(cores) // local_world]
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU comm backend from compiling its shared-memory all-reduce op.
+
+    On the CPU accelerator `deepspeed.init_distributed` JIT-builds `deepspeed_shm_comm` (two C++ files)
+    whenever it is not built for this interpreter's DeepSpeed path yet: 65 s on a 2-core machine, on
+    every fresh machine and every moved virtualenv, before the first step. Only
+    `inference_all_reduce` (tensor-parallel inference) uses that op; ZeRO training reduces through
+    torch.distributed (gloo). DeepSpeed has no setting for it, so the op is marked incompatible in
+    `deepspeed.ops.__compatible_ops__`, which its `build_shm_op` checks before building."""
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    except Exception:  # noqa: BLE001 - another DeepSpeed: it builds the op as before
+        pass
 
 
 def bind_cores(local_rank: int, local_world: int) -> list[int] | None:

@@ -142,3 +142,21 @@ def test_ranks_on_a_node_split_its_cores_evenly_and_never_share_one():
     assert core_share([2, 5, 7, 9], 1, 2) == [7, 9]  # the cores this process may use, not 0..n
     assert core_share([0, 1], 0, 1) is None  # one rank: nothing to split
     assert core_share([0, 1], 2, 3) is None  # fewer cores than ranks: no binding
+
+
+def test_deepspeed_cpu_comm_does_not_build_the_shm_op(tmp_path):
+    """DeepSpeed's CPU comm backend would compile its shared-memory all-reduce op at init (65 s on 2
+    cores) for inference only; after `skip_shm_comm_build` it returns no op and compiles nothing."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from rayllm.train.worker import skip_shm_comm_build\n"
+            "skip_shm_comm_build()\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "print('op', build_shm_op())\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "op None" in out.stdout
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
