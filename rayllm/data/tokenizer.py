@@ -40,9 +40,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
+    from rayllm.model import load_tokenizer as load
 
-    return checked(AutoTokenizer.from_pretrained(str(path)), path)
+    return checked(load(path), path)
 
 
 def checked(tok: Any, path: str | Path) -> Any:

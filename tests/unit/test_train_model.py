@@ -81,3 +81,37 @@ def test_base_fingerprint_follows_config_and_vocab_not_path(tmp_path, tokenizer,
     assert base_fingerprint(build_model(tiny(num_layers=3), tokenizer), tokenizer) != fp
     other = make_dataset(tmp_path / "other", seq_len=64, n_docs=30, val_docs=4, seed=7)
     assert base_fingerprint(model, load_tokenizer(other / "tokenizer")) != fp
+
+
+def test_a_tokenizers_backend_folder_loads_as_autotokenizer_would_without_the_model_registry(dataset, tmp_path):
+    """`load_tokenizer` builds the class tokenizer_config.json names (TokenizersBackend, what prepare
+    trains and SmolLM2 ships) without importing AutoTokenizer's module, which imports transformers'
+    model registry; the tokenizer equals AutoTokenizer's. Another class goes through AutoTokenizer."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from rayllm.model import resolve_base
+
+    for folder in (dataset / "tokenizer", resolve_base("smollm2")):
+        ours, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        assert type(ours) is type(auto)
+        text = "The cat sees 12 dogs.<|im_end|> Botchan here!"
+        assert ours(text)["input_ids"] == auto(text)["input_ids"] and ours.get_vocab() == auto.get_vocab()
+        assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id)
+        assert ours.chat_template == auto.chat_template
+
+    code = ("import sys\nfrom rayllm.model import load_tokenizer\n"
+            f"load_tokenizer({str(dataset / 'tokenizer')!r})\n"
+            "print('registry', 'transformers.models.auto.modeling_auto' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "registry False" in out.stdout, out.stderr[-2000:]
+
+    other = tmp_path / "other"
+    shutil.copytree(dataset / "tokenizer", other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert type(load_tokenizer(other)).__name__ == type(AutoTokenizer.from_pretrained(other)).__name__
