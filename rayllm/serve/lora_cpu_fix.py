@@ -136,12 +136,14 @@ class _Plan:
     which are read in place instead of gathered per token), `per_adapter` (many tokens per adapter,
     prefill: one GEMM per adapter present)."""
 
-    __slots__ = ("rows", "kind", "slot", "lo", "hi", "kmax", "gather", "scatter", "has", "groups", "cells", "cell_rows")
+    __slots__ = ("rows", "kind", "slot", "lo", "hi", "kmax", "gather", "scatter", "has", "groups", "cells", "cell_rows",
+                 "full")
 
     def __init__(self, indices: torch.Tensor):
         ids = indices.tolist()
         self.rows, self.slot, self.lo, self.hi, self.kmax = len(ids), -1, 0, 0, 0
         self.gather = self.scatter = self.has = self.cells = self.cell_rows = None
+        self.full = False  # grouped: every grid cell holds a token (no padding, no base rows)
         self.groups: list = []
         present = sorted(set(ids) - {-1})
         if not present:
@@ -169,6 +171,7 @@ class _Plan:
             if gather != list(range(self.rows)):  # else the grid is the rows in order (cell_rows None)
                 filled = [c for c in range(cells) if gather[c] < self.rows]
                 self.cells, self.cell_rows = torch.tensor(filled), torch.tensor([gather[c] for c in filled])
+                self.full = len(filled) == cells  # the grid is a permutation of the rows
         else:
             self.kind = "per_adapter"
             self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in present]
@@ -211,25 +214,35 @@ class _Plan:
             y[:, :total] += self._slices(x, a_slices, b_slices, scale, widths, self.slot, slots)
             return
         g = self.hi - self.lo + 1
-        grid = (x if self.cell_rows is None else torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather])
-        delta = self._slices(grid.view(g, self.kmax, x.shape[1]), a_slices, b_slices, scale, widths, None, slots).flatten(0, 1)
         if self.cell_rows is None:  # the grid is the rows, in order
+            grid = x
+        elif self.full:  # the rows in grid order: no padding row to append
+            grid = x.index_select(0, self.cell_rows)
+        else:
+            grid = torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather]
+        delta = self._slices(grid.view(g, self.kmax, x.shape[1]), a_slices, b_slices, scale, widths, None, slots).flatten(0, 1)
+        if self.cell_rows is None:
             y[:, :total] += delta
         else:
-            y[:, :total].index_add_(0, self.cell_rows, delta[self.cells].to(y.dtype))
+            y[:, :total].index_add_(0, self.cell_rows, (delta if self.full else delta[self.cells]).to(y.dtype))
 
     def _slices(self, x, a_slices, b_slices, scale, widths, slot, slots):
         """Every slice's shrink and expand for `x` (rows of one slot, or the [slots, kmax, in] grid when
-        `slot` is None), concatenated along the output."""
-        outs = []
-        for a, b, width in zip(a_slices, b_slices, widths):
-            a, b = _fp32(a, 2, slots)[:, 0], _fp32(b, 3, slots)[:, 0, :, :width]  # (slots, rank, in), (slots, rank, out)
-            if slot is None:
-                h = torch.bmm(x, a[self.lo: self.hi + 1].transpose(1, 2))
-                outs.append(torch.bmm(h * scale if scale != 1.0 else h, b[self.lo: self.hi + 1]))
-            else:
-                h = x @ a[slot].T
-                outs.append((h * scale if scale != 1.0 else h) @ b[slot])
+        `slot` is None), concatenated along the output. The slices share their input, so their shrink
+        is one product over the slices' weights stacked along the rank (`_fused_shrink`); each expand
+        reads its rank-wide part of the result."""
+        a = _fused_shrink(a_slices, slots)  # (slots, slices x rank, in)
+        if slot is None:
+            h = torch.bmm(x, a[self.lo: self.hi + 1].transpose(1, 2))
+        else:
+            h = x @ a[slot].T
+        if scale != 1.0:
+            h = h * scale
+        rank, outs = a.shape[1] // len(a_slices), []  # every slice's copy is cut to the same rank (`_refreshed`)
+        for i, (b, width) in enumerate(zip(b_slices, widths)):
+            b = _fp32(b, 3, slots)[:, 0, :, :width]  # (slots, rank, out)
+            part = h[..., i * rank: (i + 1) * rank]
+            outs.append(torch.bmm(part, b[self.lo: self.hi + 1]) if slot is None else part @ b[slot])
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
@@ -246,14 +259,39 @@ def _fp32(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
     slots' weights in fp32 beside vLLM's own (SmolLM2-135M, 8 slots of rank 8 on every projection:
     ~80 MB). `slots`: per adapter slot of the engine, a generation bumped when vLLM activates an adapter
     into it, and that adapter's largest rank (None: unknown); tuples replaced, never mutated, so an
-    unchanged state is recognised by identity. A background thread also refreshes the copies as soon as
-    an adapter is activated (`_refresh_after_activation`); the lock keeps the two from writing one copy
-    at once."""
+    unchanged state is recognised by identity. The copies are also refreshed as soon as an adapter is
+    activated (`_refresh_after_activation`); the lock keeps one writer of a copy at a time."""
     cached = getattr(weights, "_rayllm_fp32", None)
     if cached is not None and cached[0] is slots[0]:
         return cached[2]
     with _REFRESH_LOCK:
         return _refreshed(weights, rank_dim, slots)
+
+
+def _fused_shrink(a_slices, slots) -> torch.Tensor:
+    """The shrink weights of a layer's slices (vLLM's packed q/k/v or gate/up projections) as one fp32
+    (slots, slices x rank, in) tensor: one product per call instead of one per slice (a decode step of
+    SmolLM2-135M: 120 shrink products instead of 210). Each slice's fp32 copy (`_fp32`) is made a view
+    into it, so that refreshing a slot of a slice's copy refreshes the stacked one too; rebuilt when a
+    slice's copy was replaced (a new rank)."""
+    copies = [_fp32(a, 2, slots)[:, 0] for a in a_slices]
+    if len(copies) == 1:
+        return copies[0]
+    first = a_slices[0]
+    cached = getattr(first, "_rayllm_fused", None)
+    if cached is not None and all(c.data_ptr() == v.data_ptr() for c, v in zip(copies, cached[1])):
+        return cached[0]
+    with _REFRESH_LOCK:
+        copies = [_refreshed(a, 2, slots)[:, 0] for a in a_slices]
+        fused = torch.cat(copies, 1)
+        rank, views = copies[0].shape[1], []
+        for i, a in enumerate(a_slices):
+            view = fused[:, i * rank: (i + 1) * rank].unsqueeze(1)  # (slots, 1, rank, in), as `_fp32` keeps it
+            gens, kept_rank, _ = a._rayllm_fp32
+            a._rayllm_fp32 = (gens, kept_rank, view)
+            views.append(view[:, 0])
+        first._rayllm_fused = (fused, views)
+    return fused
 
 
 def _refreshed(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
@@ -282,41 +320,25 @@ def _rank_first(weights: torch.Tensor, rank_dim: int) -> torch.Tensor:
     return weights.transpose(-1, -2) if rank_dim == weights.dim() - 1 else weights
 
 
-def _refresh_after_activation(manager, slots) -> threading.Thread | None:
-    """Bring the engine's fp32 copies (`_fp32`) up to `slots` in a background thread, one weight tensor at
-    a time: vLLM activates an adapter when it is loaded (add_lora), and copying its slot (~7 ms for
-    SmolLM2-135M, rank 8 on every projection, mostly the bf16 -> fp32 conversion of 420 small tensors)
-    can then overlap the load route's answer and the next request's way in, instead of running inside
-    the adapter's first step. Copies not made yet are made here too (the first activation is vLLM's
-    start-up or the first load), so that no request converts every slot in its step; only for the linear
-    layers (vLLM's `*LinearWithLoRA` classes), the only ones whose LoRA reads the copies (`add_linear`).
-    A newer activation starts its own thread and this one stops; a step that needs a copy first
-    refreshes it itself (under the lock)."""
-    tensors = []
-    for module in getattr(manager, "modules", {}).values():
-        if "Linear" not in type(module).__name__:
-            continue
-        for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):
-            stacked = getattr(module, name, None)
-            for weights in (stacked,) if isinstance(stacked, torch.Tensor) else (stacked or ()):
-                if isinstance(weights, torch.Tensor):
-                    tensors.append((weights, rank_dim))
-    if not tensors:
-        return None
-
-    def work() -> None:
-        try:
-            for weights, rank_dim in tensors:
-                with _REFRESH_LOCK:
-                    if getattr(manager, "_rayllm_slots", None) is not slots:
-                        return  # activated again since: that activation's thread carries on
-                    _refreshed(weights, rank_dim, slots)
-        except Exception:  # noqa: BLE001 - the step refreshes what is left itself
-            logger.exception("rayllm: background refresh of the fp32 LoRA copies failed")
-
-    thread = threading.Thread(target=work, name="rayllm-lora-fp32", daemon=True)
-    thread.start()
-    return thread
+def _refresh_after_activation(manager, slots) -> None:
+    """Bring the engine's fp32 copies (`_fp32`) of the linear layers (vLLM's `*LinearWithLoRA` classes,
+    the only ones whose LoRA reads them) up to `slots` as soon as vLLM activates an adapter (at its
+    add_lora, or when a request swaps it in), making the copies not made yet (the first activation
+    is vLLM's start-up or the first load), so that no request converts slots in its own step. Done at
+    once, in the engine's thread: a background thread for it (tried, 2026-12-03) held the GIL while
+    the engine answered the load and took the first request's step, and on a 2-core fp32 machine the
+    hot load came out 98 ms above a warm request with it against 71 ms done at once (medians of 5
+    loads each, one sitting; SmolLM2-135M, rank 8 on every projection). In inference mode: copies made
+    inside a step are inference tensors, which may only be updated in that mode."""
+    with _REFRESH_LOCK, torch.inference_mode():
+        for module in getattr(manager, "modules", {}).values():
+            if "Linear" not in type(module).__name__:
+                continue
+            for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):
+                stacked = getattr(module, name, None)
+                for weights in (stacked,) if isinstance(stacked, torch.Tensor) else (stacked or ()):
+                    if isinstance(weights, torch.Tensor):
+                        _refreshed(weights, rank_dim, slots)
 
 
 def _plan_for(wrapper, x: torch.Tensor) -> _Plan | None:

@@ -223,9 +223,10 @@ def _wrapper_with(ids, slots):
 @pytest.mark.parametrize("ids, kind", [
     ((1, 2, 3, 1, 0, 2), "grouped"),  # rows gathered into the grid and added back
     ((1, 2, 3), "grouped"),  # the grid is the rows in order
+    ((3, 1, 2), "grouped"),  # the grid is a permutation of the rows
     ((2, 2, 2), "one"),
     ((1,) * 40 + (0,) * 4 + (3,) * 4, "per_adapter"),
-], ids=["mixed decode with a base row", "rows in slot order", "single adapter", "mixed prefill"])
+], ids=["mixed decode with a base row", "rows in slot order", "rows permuted", "single adapter", "mixed prefill"])
 def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(ids, kind):
     """Adapters of rank 2 padded to max_lora_rank 4 (as vLLM stores them): the products run on fp32
     copies cut to rank 2 and give the full computation's result; a slot re-activated with other weights
@@ -251,7 +252,8 @@ def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(
     for state in [((1, 1, 1), (2, 2, 2), (False,) * 3), ((1, 2, 1), (2, 2, 2), (False,) * 3)]:
         punica = _wrapper_with(ids, state)
         assert punica._rayllm_plan.kind == kind
-        assert kind != "grouped" or (punica._rayllm_plan.cell_rows is None) == (len(ids) == 3)
+        plan = punica._rayllm_plan
+        assert kind != "grouped" or ((plan.cell_rows is None) == (ids == (1, 2, 3)) and plan.full == (ids == (3, 1, 2)))
         out = y.clone()
         punica.add_lora_linear(out, x, a, b, 1.0, (10, 6))
         torch.testing.assert_close(out.float(), want(), rtol=2e-2, atol=2e-2)
@@ -260,11 +262,33 @@ def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(
         a[0][1, :, :2] = torch.randn(1, 2, 16, generator=g)  # slot 1 gets another adapter before the next state
 
 
-def test_activation_refreshes_the_fp32_copies_in_the_background_and_a_newer_one_supersedes_it():
-    """After an adapter is activated into slot 1, a background thread brings every linear layer's copy
-    up to the new slot state, making the ones not made yet (what the adapter's first request would
-    otherwise do itself), and leaves the logits layer alone; a thread whose state was superseded by a
-    newer activation leaves the copies to the newer one."""
+def test_the_slices_shrink_weights_are_stacked_and_follow_refreshes_and_rank_changes():
+    """A packed layer's slices share one stacked fp32 shrink copy (one product for all slices): a slot
+    refreshed in a slice's copy shows in it, and a larger rank rebuilds it."""
+    g = torch.Generator().manual_seed(7)
+    a = tuple(torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    first = ((1, 1, 1), (2, 2, 2), (False,) * 3)
+    fused = fix._fused_shrink(a, first)
+    assert fused.shape == (3, 6, 16)
+    torch.testing.assert_close(fused, torch.cat([t[:, 0, :2].float() for t in a], 1))
+    assert fix._fused_shrink(a, first) is fused  # kept while nothing changed
+
+    a[1][2] = torch.randn(1, 4, 16, generator=g)
+    again = ((1, 1, 2), (2, 2, 2), (False,) * 3)  # slot 2 re-activated
+    assert fix._fused_shrink(a, again) is fused  # refreshed in place through the slice's copy
+    torch.testing.assert_close(fused, torch.cat([t[:, 0, :2].float() for t in a], 1))
+
+    grown = ((1, 2, 2), (2, 4, 2), (False,) * 3)  # slot 1 now holds a rank-4 adapter
+    bigger = fix._fused_shrink(a, grown)
+    assert bigger.shape == (3, 12, 16)
+    torch.testing.assert_close(bigger, torch.cat([t[:, 0].float() for t in a], 1))
+
+
+def test_activation_refreshes_the_fp32_copies_at_once_including_those_made_inside_a_step():
+    """When an adapter is activated into slot 1, every linear layer's copy is brought up to the new slot
+    state at once, the ones not made yet made (what the adapter's first request would otherwise do
+    itself), including a copy made inside a step (an inference tensor, updatable only in inference
+    mode); the logits layer is left alone."""
     from types import SimpleNamespace
 
     class QKVParallelLinearWithLoRA(SimpleNamespace):  # vLLM's class names: which layers read copies
@@ -276,28 +300,26 @@ def test_activation_refreshes_the_fp32_copies_in_the_background_and_a_newer_one_
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)
     b = torch.randn(3, 1, 10, 4, generator=g).to(torch.bfloat16)
+    stepped = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)  # its copy made by a step
     fresh = torch.randn(3, 1, 4, 16, generator=g).to(torch.bfloat16)  # no copy made yet: made now
     logits = torch.zeros(3, 1, 4, 16, dtype=torch.bfloat16)  # never copied
     old = ((1, 1, 1), (4, 4, 4), (False,) * 3)
     fix._fp32(a, 2, old), fix._fp32(b, 3, old)
-    manager = SimpleNamespace(modules={"q": QKVParallelLinearWithLoRA(lora_a_stacked=(a, fresh), lora_b_stacked=(b,)),
-                                       "lm_head": LogitsProcessorWithLoRA(lora_a_stacked=logits, lora_b_stacked=None)})
-    a[1] = torch.randn(1, 4, 16, generator=g)
+    with torch.inference_mode():
+        fix._fp32(stepped, 2, old)
+    assert stepped._rayllm_fp32[2].is_inference()
+    manager = SimpleNamespace(modules={
+        "q": QKVParallelLinearWithLoRA(lora_a_stacked=(a, stepped, fresh), lora_b_stacked=(b,)),
+        "lm_head": LogitsProcessorWithLoRA(lora_a_stacked=logits, lora_b_stacked=None)})
+    for t in (a, stepped):
+        t[1] = torch.randn(1, 4, 16, generator=g)
     b[1] = torch.randn(1, 10, 4, generator=g)
     new = ((1, 2, 1), (4, 4, 4), (False,) * 3)
-    manager._rayllm_slots = new
-    fix._refresh_after_activation(manager, new).join(timeout=30)
-    for weights, rank_first in ((a, a), (b, b.transpose(-1, -2)), (fresh, fresh)):  # expand weights stored rank first
+    fix._refresh_after_activation(manager, new)
+    for weights, rank_first in ((a, a), (b, b.transpose(-1, -2)), (stepped, stepped), (fresh, fresh)):  # expand weights stored rank first
         gens, _, copy = weights._rayllm_fp32
         assert gens is new[0] and torch.equal(copy, rank_first.float())
     assert not hasattr(logits, "_rayllm_fp32")
-
-    a[2] = torch.randn(1, 4, 16, generator=g)
-    superseded = ((1, 2, 2), (4, 4, 4), (False,) * 3)
-    manager._rayllm_slots = ((1, 2, 3), (4, 4, 4), (False,) * 3)  # activated once more since
-    fix._refresh_after_activation(manager, superseded).join(timeout=30)
-    assert a._rayllm_fp32[0] is new[0]  # untouched: the newer activation's thread does it
-    assert torch.equal(fix._fp32(a, 2, manager._rayllm_slots), a.float())  # and a step would itself
 
 
 def test_logits_lora_skipped_when_no_adapter_of_the_batch_has_lm_head_weights():
