@@ -32,6 +32,7 @@ class Snapshot:
     time: float
     busy: float  # busy CPU seconds of the whole machine since boot
     procs: dict[int, Proc] = field(repr=False)
+    steal: float = 0.0  # CPU seconds the hypervisor gave to other machines since boot
 
 
 def _name(comm: str, cmd: list[bytes]) -> str:
@@ -66,8 +67,15 @@ def machine_busy() -> float:
     return sum(fields[i] for i in (0, 1, 2, 5, 6)) / TICK
 
 
+def machine_steal() -> float:
+    """CPU seconds since boot that this (virtual) machine's CPUs were ready to run but the hypervisor
+    ran other machines: the jobs of other tenants, which no process list here shows."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[7]) / TICK if len(fields) > 7 else 0.0
+
+
 def snapshot() -> Snapshot:
-    return Snapshot(time.time(), machine_busy(), _procs())
+    return Snapshot(time.time(), machine_busy(), _procs(), machine_steal())
 
 
 def tree(procs: dict[int, Proc], roots: tuple[int, ...]) -> set[int]:
@@ -151,6 +159,7 @@ def usage(before: Snapshot, after: Snapshot, roots: tuple[int, ...], ranks: int 
     for pid in after.procs.keys() - seen.keys():  # those born inside the window too (a test run started meanwhile)
         named[after.procs[pid].name] += delta(pid) / span
     out = {"seconds": span, "side": side / span, "others": max(0.0, (after.busy - before.busy - side) / span),
+           "steal": max(0.0, (after.steal - before.steal) / span),
            "others_top": sorted(((n, v) for n, v in named.items() if v >= 0.005), key=lambda kv: -kv[1])[:3]}
     if ranks:
         rest = defaultdict(float)

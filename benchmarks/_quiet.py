@@ -2,9 +2,11 @@
 
 Before each timed side: wait (bounded) until processes outside the benchmark use at most QUIET
 cores. During the window: account the cores used by processes outside the measured side (the
-benchmark's own process tree, which holds the servers, launchers and Ray processes it started).
-Each figure is printed with those cores and the CPU capability; a round in which others used more
-than BUSY cores in any of its windows is *contended*, and ratios come from clean rounds only.
+benchmark's own process tree, which holds the servers, launchers and Ray processes it started),
+and on a virtual machine the cores the hypervisor gave to other machines (steal time in /proc/stat:
+other tenants' jobs, which no process list shows). Each figure is printed with those cores and the
+CPU capability; a round in which others and steal together took more than BUSY cores in any of its
+windows is *contended*, and ratios come from clean rounds only.
 
 The policy (classification, ratio, wording) is pure and unit-tested; measuring is in `window`.
 """
@@ -42,10 +44,11 @@ class Figure:
     waited: float = 0.0  # seconds spent waiting for a quiet machine first
     others_top: list[tuple[str, float]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    steal: float = 0.0  # cores the hypervisor gave to other machines during the window
 
     @property
     def contended(self) -> bool:
-        return is_contended(self.others)
+        return is_contended(self.others + self.steal)
 
 
 @dataclass
@@ -80,7 +83,8 @@ def note(fig: Figure, capability: str) -> str:
     """What is printed beside every figure."""
     top = ", ".join(f"{n} {v:.2f}" for n, v in fig.others_top)
     state = "CONTENDED" if fig.contended else "clean"
-    return (f"others {fig.others:.2f} cores{f' ({top})' if top else ''} [{state}], "
+    stolen = f", steal {fig.steal:.2f} cores" if fig.steal >= 0.005 else ""
+    return (f"others {fig.others:.2f} cores{f' ({top})' if top else ''}{stolen} [{state}], "
             f"waited {fig.waited:.0f} s for quiet, CPU capability {capability}")
 
 
@@ -102,7 +106,8 @@ def wait_quiet(limit: float = WAIT_LIMIT, cores: float = QUIET, every: float = 3
     while time.perf_counter() - t0 < limit:
         before = snapshot()
         time.sleep(every)
-        if usage(before, snapshot(), side_roots())["others"] <= cores:
+        u = usage(before, snapshot(), side_roots())
+        if u["others"] + u["steal"] <= cores:
             break
     return time.perf_counter() - t0
 
@@ -110,11 +115,11 @@ def wait_quiet(limit: float = WAIT_LIMIT, cores: float = QUIET, every: float = 3
 class Window:
     """Filled in when the `with window()` block ends."""
 
-    seconds = others = waited = 0.0
+    seconds = others = waited = steal = 0.0
     others_top: list = []
 
     def figure(self, value: float, **extra) -> Figure:
-        return Figure(value, self.others, self.waited, self.others_top, extra)
+        return Figure(value, self.others, self.waited, self.others_top, extra, self.steal)
 
 
 @contextmanager
@@ -130,7 +135,7 @@ def window(wait: float = WAIT_LIMIT) -> Iterator[Window]:
     finally:
         track.stop()
     u = usage(track.samples[0], track.samples[-1], side_roots(), between=track.samples[1:-1])
-    w.seconds, w.others, w.others_top = u["seconds"], u["others"], u["others_top"]
+    w.seconds, w.others, w.others_top, w.steal = u["seconds"], u["others"], u["others_top"], u["steal"]
 
 
 def sampler() -> TreeSampler:

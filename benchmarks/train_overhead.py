@@ -188,7 +188,7 @@ def main() -> int:
                 c = r["cpu"]
                 r["per_rank_cpu_s"] = r["tokens_per_s"] / max(c["ranks"], 1e-9)
                 runs[side].append(r)
-                f = Figure(r["tokens_per_s"], c["others"], waited, c["others_top"])
+                f = Figure(r["tokens_per_s"], c["others"], waited, c["others_top"], steal=c.get("steal", 0.0))
                 figures[side].append(f)
                 top = ", ".join(f"{n} {v:.2f}" for n, v in c["own_other_top"] if v >= 0.005) or "-"
                 print(f"[train_overhead] round {i + 1} {side:8s}: {r['tokens_per_s']:8,.0f} tok/s ({r['seconds']:.1f} s timed, "

@@ -117,3 +117,21 @@ def test_the_guard_imports_nothing_heavy():
 
     code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _quiet; assert not {{'torch', 'ray'}} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_time_the_hypervisor_gave_to_other_machines_counts_as_contention(quiet):
+    """Steal time (other tenants of a virtual machine's host) squeezes a round as other processes do:
+    it is counted with them and printed beside the figure."""
+    assert not quiet.Figure(1.0, 0.10, steal=0.10).contended
+    assert quiet.Figure(1.0, 0.10, steal=0.20).contended
+    assert "steal 0.20 cores [CONTENDED]" in quiet.note(quiet.Figure(1.0, 0.10, steal=0.20), "AVX512")
+    assert "steal" not in quiet.note(quiet.Figure(1.0, 0.10), "AVX512")
+
+
+def test_the_sampler_reads_the_machines_steal_time(quiet):  # quiet puts benchmarks/ on sys.path
+    import _cpu_sampler as sampler
+
+    a = sampler.snapshot()
+    b = sampler.snapshot()
+    assert 0.0 <= a.steal <= b.steal
+    assert sampler.usage(a, b, (0,))["steal"] >= 0.0
