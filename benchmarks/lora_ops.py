@@ -10,7 +10,9 @@ token; wrong for rows without an adapter, timed anyway); `previous`: rayllm's fi
 same gather for decode); `grouped`: the per-step plan through the shrink/expand ops (one bmm over
 the stacked weights); `fused`: what vLLM's `add_lora_linear` now runs (`_Plan.add_linear`: fp32
 copies cut to the adapters' rank 8, one gather and one write per projection). Prints ms per step
-and previous/fused. Torch runs 1 thread, as vLLM-CPU does on 2 cores.
+and previous/fused, then the read floor: how long one pass over 8 slots' fp32 LoRA weights takes
+against one over the base model's (the least a mixed step can cost above a weight-bound base-only
+one). Torch runs 1 thread (the engine's default for bf16 on 2 cores; fp32 engines run 2).
 """
 
 from __future__ import annotations
@@ -88,13 +90,46 @@ def main() -> None:
     print("| rows | traffic | vllm ms/step | previous ms/step | grouped ms/step | fused ms/step | previous/fused | machine |")
     print("|---|---|---|---|---|---|---|---|")
     for rows in (8, 16):
-        for traffic, indices in (("no adapter", torch.full((rows,), -1)), ("one adapter", torch.full((rows,), 3)),
-                                 ("8 adapters", torch.arange(rows) % SLOTS)):
+        cases = [("no adapter", torch.full((rows,), -1)), ("one adapter", torch.full((rows,), 3)),
+                 ("8 adapters", torch.arange(rows) % SLOTS)]
+        if rows == 8:  # a step that a new request's 10-token prompt joins: 7 decode rows and 10 prompt rows
+            cases.append(("8 adapters, a prompt joins", torch.tensor(list(range(7)) + [7] * 10)))
+        for traffic, indices in cases:
             with window(10.0) as w:
                 ms = {kind: timed(kind, weights, indices, dtype, 3) for kind in ("vllm", "previous", "grouped", "fused")}
             f = w.figure(ms["fused"])
-            print(f"| {rows} | {traffic} | {ms['vllm']:.1f} | {ms['previous']:.1f} | {ms['grouped']:.1f} | {ms['fused']:.1f} | "
+            print(f"| {indices.shape[0]} | {traffic} | {ms['vllm']:.1f} | {ms['previous']:.1f} | {ms['grouped']:.1f} | {ms['fused']:.1f} | "
                   f"**{ms['previous'] / ms['fused']:.1f}x** | {note(f, cap)} |", flush=True)
+
+    read_floor(cap)
+
+
+def read_floor(cap: str) -> None:
+    """What no LoRA kernel can go under in fp32: a decode step with 8 adapters present reads the 8
+    slots' weights (rank 8 on every projection, each of the 30 layers its own) once, and a base-only
+    step reads the base model's. Timed as one pass over fp32 tensors of those sizes (a sum, which
+    streams them from memory), one thread."""
+    per_slot = sum(ADAPTER_RANK * (d_in * len(outs) + sum(outs)) for d_in, outs in PROJECTIONS)
+    lora = [torch.ones(SLOTS * per_slot) for _ in range(LAYERS)]
+    vocab, embed = 49152, HIDDEN * 49152  # tied embeddings: the logits read them too
+    per_layer = sum(d_in * sum(outs) for d_in, outs in PROJECTIONS)
+    base = [torch.ones(per_layer) for _ in range(LAYERS)] + [torch.ones(embed)]
+
+    def read(tensors) -> float:
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for v in tensors:
+                v.sum()
+            best = min(best, time.perf_counter() - t)
+        return 1000 * best
+
+    with window(5.0) as w:
+        lora_ms, base_ms = read(lora), read(base)
+    mb = 4 * SLOTS * per_slot * LAYERS / 1e6, 4 * (per_layer * LAYERS + embed) / 1e6
+    print(f"\nread floor, fp32, one thread: 8 slots' LoRA weights ({mb[0]:.0f} MB) {lora_ms:.1f} ms, the base model's "
+          f"({mb[1]:.0f} MB, {vocab}-token vocabulary) {base_ms:.1f} ms: a mixed step is at least {lora_ms / base_ms:.0%} of "
+          f"a weight-bound base-only step longer; {note(w.figure(lora_ms), cap)}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ to leave vLLM unpatched (to reproduce the bug).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -133,8 +134,9 @@ class _Plan:
     per-token Python. Kinds: `none` (no token has an adapter: no LoRA work at all), `one` (every token
     uses slot `slot`: one GEMM on that slot's weights, no gather), `grouped` (few tokens per adapter,
     decode: tokens packed into a [slots present, kmax] grid and ONE bmm over the stacked weights,
-    which are read in place instead of gathered per token), `per_adapter` (many tokens per adapter,
-    prefill: one GEMM per adapter present)."""
+    which are read in place instead of gathered per token; a slot with many more tokens than the
+    others, a prompt joining a decode batch, gets a GEMM of its own: `groups`), `per_adapter` (many
+    tokens per adapter, prefill: one GEMM per adapter present)."""
 
     __slots__ = ("rows", "kind", "slot", "lo", "hi", "kmax", "gather", "scatter", "has", "groups", "cells", "cell_rows",
                  "full")
@@ -143,8 +145,8 @@ class _Plan:
         ids = indices.tolist()
         self.rows, self.slot, self.lo, self.hi, self.kmax = len(ids), -1, 0, 0, 0
         self.gather = self.scatter = self.has = self.cells = self.cell_rows = None
-        self.full = False  # grouped: every grid cell holds a token (no padding, no base rows)
-        self.groups: list = []
+        self.full = False  # grouped: every grid cell holds a token (no padding)
+        self.groups: list = []  # (slot, its rows) computed with one product each, outside the grid
         present = sorted(set(ids) - {-1})
         if not present:
             self.kind = "none"
@@ -153,28 +155,30 @@ class _Plan:
             self.kind, self.slot = "one", present[0]
             return
         self.has = indices >= 0
-        self.lo, self.hi = present[0], present[-1]
-        counts = torch.bincount(indices[self.has] - self.lo, minlength=self.hi - self.lo + 1).tolist()
-        self.kmax = max(counts)
-        cells = (self.hi - self.lo + 1) * self.kmax
-        if self.rows <= 256 and cells <= 2 * self.rows:
-            # Grid cell of each token (slot - lo) * kmax + its rank among that slot's tokens; padding
-            # cells read a zero row appended to the input, tokens without an adapter a zero cell.
-            self.kind = "grouped"
-            gather, scatter, seen = [self.rows] * cells, [cells] * self.rows, [0] * len(counts)
-            for row, slot in enumerate(ids):
-                if slot >= 0:
-                    cell = (slot - self.lo) * self.kmax + seen[slot - self.lo]
-                    seen[slot - self.lo] += 1
-                    gather[cell], scatter[row] = row, cell
-            self.gather, self.scatter = torch.tensor(gather), torch.tensor(scatter)
-            if gather != list(range(self.rows)):  # else the grid is the rows in order (cell_rows None)
-                filled = [c for c in range(cells) if gather[c] < self.rows]
-                self.cells, self.cell_rows = torch.tensor(filled), torch.tensor([gather[c] for c in filled])
-                self.full = len(filled) == cells  # the grid is a permutation of the rows
-        else:
+        counts = dict(collections.Counter(i for i in ids if i >= 0))
+        grid = _grid_slots(counts)
+        big = [slot for slot in present if slot not in grid]
+        self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in big]
+        if not grid:
             self.kind = "per_adapter"
-            self.groups = [(slot, (indices == slot).nonzero().squeeze(1)) for slot in present]
+            return
+        # Grid cell of each token (slot - lo) * kmax + its rank among that slot's tokens; padding cells
+        # read a zero row appended to the input; tokens outside the grid (no adapter, or a slot of
+        # `groups`) a zero cell.
+        self.kind = "grouped"
+        self.lo, self.hi, self.kmax = grid[0], grid[-1], max(counts[slot] for slot in grid)
+        cells = (self.hi - self.lo + 1) * self.kmax
+        gather, scatter, seen = [self.rows] * cells, [cells] * self.rows, {slot: 0 for slot in grid}
+        for row, slot in enumerate(ids):
+            if slot in seen:
+                cell = (slot - self.lo) * self.kmax + seen[slot]
+                seen[slot] += 1
+                gather[cell], scatter[row] = row, cell
+        self.gather, self.scatter = torch.tensor(gather), torch.tensor(scatter)
+        if gather != list(range(self.rows)):  # else the grid is the rows in order (cell_rows None)
+            filled = [c for c in range(cells) if gather[c] < self.rows]
+            self.cells, self.cell_rows = torch.tensor(filled), torch.tensor([gather[c] for c in filled])
+            self.full = len(filled) == cells  # the grid holds its rows without padding
 
     def apply(self, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`inputs[i] @ weights[slot of i].T` for every token with an adapter (kind `one`, `grouped` or
@@ -189,8 +193,9 @@ class _Plan:
             padded = torch.cat([inputs, inputs.new_zeros(1, inputs.shape[1])])
             grid = padded[self.gather].view(self.hi - self.lo + 1, self.kmax, inputs.shape[1])
             out = torch.bmm(grid, weights[self.lo: self.hi + 1].to(dtype).transpose(1, 2)).flatten(0, 1)
-            return torch.cat([out, out.new_zeros(1, out.shape[1])])[self.scatter]
-        out = inputs.new_zeros(self.rows, weights.shape[1])
+            out = torch.cat([out, out.new_zeros(1, out.shape[1])])[self.scatter]
+        else:
+            out = inputs.new_zeros(self.rows, weights.shape[1])
         for slot, rows in self.groups:
             out[rows] = inputs[rows] @ weights[slot].to(dtype).T
         return out
@@ -204,27 +209,26 @@ class _Plan:
         the shrink result goes straight into the expand (no fp32 buffer round trip)."""
         x = x.float()
         total = sum(widths)
-        if self.kind == "per_adapter":
-            out = x.new_zeros(self.rows, total)
-            for slot, rows in self.groups:
-                out[rows] = self._slices(x[rows], a_slices, b_slices, scale, widths, slot, slots)
-            y[:, :total] += out
-            return
+        out = y[:, :total]
         if self.kind == "one":
-            y[:, :total] += self._slices(x, a_slices, b_slices, scale, widths, self.slot, slots)
+            out += self._slices(x, a_slices, b_slices, scale, widths, self.slot, slots)
             return
-        g = self.hi - self.lo + 1
-        if self.cell_rows is None:  # the grid is the rows, in order
-            grid = x
-        elif self.full:  # the rows in grid order: no padding row to append
-            grid = x.index_select(0, self.cell_rows)
-        else:
-            grid = torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather]
-        delta = self._slices(grid.view(g, self.kmax, x.shape[1]), a_slices, b_slices, scale, widths, None, slots).flatten(0, 1)
-        if self.cell_rows is None:
-            y[:, :total] += delta
-        else:
-            y[:, :total].index_add_(0, self.cell_rows, (delta if self.full else delta[self.cells]).to(y.dtype))
+        if self.kind == "grouped":
+            g = self.hi - self.lo + 1
+            if self.cell_rows is None:  # the grid is the rows, in order
+                grid = x
+            elif self.full:  # the grid's rows in grid order: no padding row to append
+                grid = x.index_select(0, self.cell_rows)
+            else:
+                grid = torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather]
+            delta = self._slices(grid.view(g, self.kmax, x.shape[1]), a_slices, b_slices, scale, widths, None, slots)
+            delta = delta.flatten(0, 1)
+            if self.cell_rows is None:
+                out += delta
+            else:
+                out.index_add_(0, self.cell_rows, (delta if self.full else delta[self.cells]).to(y.dtype))
+        for slot, rows in self.groups:  # slots with many tokens (a prompt): one product each
+            out.index_add_(0, rows, self._slices(x[rows], a_slices, b_slices, scale, widths, slot, slots).to(y.dtype))
 
     def _slices(self, x, a_slices, b_slices, scale, widths, slot, slots):
         """Every slice's shrink and expand for `x` (rows of one slot, or the [slots, kmax, in] grid when
@@ -244,6 +248,23 @@ class _Plan:
             part = h[..., i * rank: (i + 1) * rank]
             outs.append(torch.bmm(part, b[self.lo: self.hi + 1]) if slot is None else part @ b[slot])
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def _grid_slots(counts: dict) -> list:
+    """The slots whose tokens go into the grid of a `grouped` plan (one bmm for all of them); the other
+    slots' tokens get one product per slot. Of the grids that waste at most half their cells on
+    padding (cells: slots in the grid's range x the most tokens of one of its slots), the one that
+    leaves the fewest products; none (an empty list) when per-slot products alone are as few. A decode
+    step that a new request's prompt joins (7 slots with one token, one with 10) is one bmm and one
+    product instead of 8 products."""
+    best, fewest = [], len(counts)
+    for k in sorted(set(counts.values())):
+        grid = [slot for slot in sorted(counts) if counts[slot] <= k]
+        tokens = sum(counts[slot] for slot in grid)
+        products = 1 + len(counts) - len(grid)
+        if tokens <= 256 and (grid[-1] - grid[0] + 1) * k <= 2 * tokens and products < fewest:
+            best, fewest = grid, products
+    return best
 
 
 def _fp32(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:

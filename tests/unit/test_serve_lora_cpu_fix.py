@@ -126,7 +126,9 @@ PLANS = pytest.mark.parametrize("idx, kind", [
     (torch.arange(8), "grouped"),  # decode: 8 requests on 8 adapters
     (torch.tensor([3, -1, 3, 4, -1, 4, 3, 4]), "grouped"),  # decode with base rows
     (torch.tensor([2] * 40 + [-1] * 20 + [7] * 4), "per_adapter"),  # prefill: long runs per adapter
-], ids=["all-base", "single adapter", "mixed decode", "mixed decode with base rows", "mixed prefill"])
+    (torch.tensor([0, 7, 7, 1, 2, -1, 7, 3, 7, 4, 5, 7, 6] + [7] * 5), "grouped"),  # decode + a joining prompt
+], ids=["all-base", "single adapter", "mixed decode", "mixed decode with base rows", "mixed prefill",
+        "mixed decode with a prompt"])
 
 
 @PLANS
@@ -207,6 +209,34 @@ def test_vllm_punica_wrapper_builds_the_plan_once_per_mapping_and_uses_it():
     assert torch.equal(out[idx < 0], y[idx < 0])
 
 
+@pytest.mark.parametrize("ids", [(1, 3, 3, 2, 3, 0, 3, 3, 3), (2, 1, 3, 1, 2), (1, 2, 3)],
+                         ids=["decode rows and a prompt", "grid with padding", "rows in slot order"])
+def test_every_row_of_a_mixed_batch_gets_what_its_request_gets_alone(ids):
+    """Isolation: a request's rows get the delta they get when the request runs alone (kind `one`): bit
+    for bit where the batch gives them a product of their own (the same product on the same rows), up
+    to fp32 rounding where they went into the grid (a bmm, alone a matmul); base rows are untouched."""
+    g = torch.Generator().manual_seed(4)
+    a = tuple(torch.randn(4, 1, 4, 16, generator=g) for _ in range(3))
+    b = tuple(torch.randn(4, 1, n, 4, generator=g) for n in (10, 5, 5))
+    x, y = torch.randn(len(ids), 16, generator=g), torch.randn(len(ids), 20, generator=g)
+    state = ((1, 1, 1), (4, 4, 4), (False,) * 3)
+    out, batch = y.clone(), _wrapper_with(ids, state)
+    batch.add_lora_linear(out, x, a, b, 0.5, (10, 5, 5))
+    own = {slot for slot, _ in batch._rayllm_plan.groups}
+    assert own == ({2} if len(ids) == 9 else set())
+    for lora in set(ids) - {0}:
+        rows = [i for i, v in enumerate(ids) if v == lora]
+        alone = y[rows].clone()
+        punica = _wrapper_with(tuple(lora for _ in rows), state)
+        assert punica._rayllm_plan.kind == "one"
+        punica.add_lora_linear(alone, x[rows], a, b, 0.5, (10, 5, 5))
+        if lora - 1 in own:
+            assert torch.equal(out[rows], alone), lora
+        torch.testing.assert_close(out[rows], alone, rtol=1e-6, atol=1e-6)
+    base = [i for i, v in enumerate(ids) if v == 0]
+    assert torch.equal(out[base], y[base])
+
+
 def _wrapper_with(ids, slots):
     """vLLM's PunicaWrapperCPU after a metadata update for lora ids per token, with the slot state
     (generation, rank, logits LoRA per slot) that activating the adapters records."""
@@ -226,7 +256,9 @@ def _wrapper_with(ids, slots):
     ((3, 1, 2), "grouped"),  # the grid is a permutation of the rows
     ((2, 2, 2), "one"),
     ((1,) * 40 + (0,) * 4 + (3,) * 4, "per_adapter"),
-], ids=["mixed decode with a base row", "rows in slot order", "rows permuted", "single adapter", "mixed prefill"])
+    ((1, 3, 3, 2, 3, 0, 3, 3, 3), "grouped"),  # two decode rows in the grid, a prompt's six with a product of their own
+], ids=["mixed decode with a base row", "rows in slot order", "rows permuted", "single adapter", "mixed prefill",
+        "decode rows and a prompt"])
 def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(ids, kind):
     """Adapters of rank 2 padded to max_lora_rank 4 (as vLLM stores them): the products run on fp32
     copies cut to rank 2 and give the full computation's result; a slot re-activated with other weights
@@ -253,7 +285,8 @@ def test_weights_cut_to_the_slots_rank_and_refreshed_when_a_slot_is_reactivated(
         punica = _wrapper_with(ids, state)
         assert punica._rayllm_plan.kind == kind
         plan = punica._rayllm_plan
-        assert kind != "grouped" or ((plan.cell_rows is None) == (ids == (1, 2, 3)) and plan.full == (ids == (3, 1, 2)))
+        assert kind != "grouped" or ((plan.cell_rows is None) == (ids == (1, 2, 3)) and plan.full == (ids in ((3, 1, 2), (1, 3, 3, 2, 3, 0, 3, 3, 3))))
+        assert [slot for slot, _ in plan.groups] == ([2] if 0 in ids and len(ids) == 9 else [] if kind != "per_adapter" else [0, 2])
         out = y.clone()
         punica.add_lora_linear(out, x, a, b, 1.0, (10, 6))
         torch.testing.assert_close(out.float(), want(), rtol=2e-2, atol=2e-2)
