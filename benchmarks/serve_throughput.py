@@ -214,11 +214,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from rayllm.config.serve import ServeConfig
-    from rayllm.dtypes import bf16_supported
     from rayllm.model import resolve_base
     from rayllm.registry.store import Registry
+    from rayllm.serve.vllm_engine import resolve_dtype
 
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16_supported(False) else "float32")
+    dtype = resolve_dtype(args.dtype, on_gpu=False)  # the serving engine's own rule, for both servers
     if args.quick:
         world = cached_world(extra_adapters=8)
         base, adapters = world.base, {f"x{i}": world.adapters[f"x{i}"] for i in range(8)}
