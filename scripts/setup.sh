@@ -24,7 +24,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip="$VENV/bin/python -m pip"
+pip_cmd="$VENV/bin/python -m pip"
+# pip warns once per package about every find-links/index location of the machine's pip config that
+# does not exist here; those lines say nothing about this install, so they are dropped (the rest of
+# pip's stderr, errors included, passes through).
+run_pip() { $pip_cmd "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip=run_pip
 $pip install --quiet --upgrade pip
 
 echo "setup: installing torch $TORCH_VERSION ($FLAVOR)"
@@ -33,7 +38,7 @@ $pip install --quiet "torch==$TORCH_VERSION"
 
 # Pin torch to what is installed so no resolver swaps it for another build.
 constraints="$VENV/rayllm-constraints.txt"
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$constraints"  # numpy comes later
 
 echo "setup: installing rayllm[$FLAVOR,dev] (2-5 minutes on a fresh machine)"
 $pip install --quiet -c "$constraints" -e ".[$FLAVOR,dev]"
@@ -55,15 +60,6 @@ if [ ! -s "$corpus_dir/botchan.txt" ]; then
   tar -xzf "$tmp"/sentencepiece-0.2.3.tar.gz -C "$tmp" sentencepiece-0.2.3/test/botchan.txt
   mv "$tmp"/sentencepiece-0.2.3/test/botchan.txt "$corpus_dir/botchan.txt"
   rm -rf "$tmp"
-fi
-
-# DeepSpeed's CPU accelerator compiles its shared-memory collective op on first use (~45 s on 2
-# cores); build it now into the cache every rayllm run on this machine uses (rayllm.train.spec).
-if [ "$FLAVOR" = cpu ]; then
-  echo "setup: building DeepSpeed's CPU shared-memory comm op (once per machine)"
-  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/rayllm/torch_extensions}" \
-    "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
-    || echo "setup: could not prebuild it; DeepSpeed builds it on first use"
 fi
 
 # A real browser for the report page tests (Debian's chromium, headless); skipped where apt is not ours.
