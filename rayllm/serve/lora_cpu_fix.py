@@ -315,8 +315,9 @@ def _fused_shrink(a_slices, slots) -> torch.Tensor:
     return fused
 
 
-def _refreshed(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
-    """`_fp32`'s work, under `_REFRESH_LOCK`: the copy made current for `slots`."""
+def _refreshed(weights: torch.Tensor, rank_dim: int, slots, changed: dict | None = None) -> torch.Tensor:
+    """`_fp32`'s work, under `_REFRESH_LOCK`: the copy made current for `slots`. `changed`: a memo of
+    `_changed_slots` shared by the calls of one refresh (most copies were last refreshed together)."""
     gens, slot_ranks = slots[:2]
     cached = getattr(weights, "_rayllm_fp32", None)
     if cached is not None and cached[0] is gens:  # refreshed while this caller waited for the lock
@@ -328,11 +329,36 @@ def _refreshed(weights: torch.Tensor, rank_dim: int, slots) -> torch.Tensor:
         copy = _rank_first(weights.narrow(rank_dim, 0, rank), rank_dim).float().contiguous()
     else:
         copy, seen = cached[2], cached[0]
-        for slot, gen in enumerate(gens[: weights.shape[0]]):
-            if slot >= len(seen) or seen[slot] != gen:
-                copy[slot].copy_(_rank_first(weights[slot].narrow(rank_dim - 1, 0, rank), rank_dim - 1))
+        key = (seen, weights.shape[0])
+        todo = changed.get(key) if changed is not None else None
+        if todo is None:
+            todo = _changed_slots(seen, gens, weights.shape[0])
+            if changed is not None:
+                changed[key] = todo
+        if todo:
+            pairs = _slot_pairs(weights, rank_dim, rank, copy)
+            for slot in todo:
+                pairs[slot][0].copy_(pairs[slot][1])
     weights._rayllm_fp32 = (gens, rank, copy)
     return copy
+
+
+def _changed_slots(seen: tuple, gens: tuple, n: int) -> list:
+    """The slots among the first `n` whose generation moved since `seen`."""
+    return [slot for slot, gen in enumerate(gens[:n]) if slot >= len(seen) or seen[slot] != gen]
+
+
+def _slot_pairs(weights: torch.Tensor, rank_dim: int, rank: int, copy: torch.Tensor) -> list:
+    """Per slot, (its part of the fp32 `copy`, its part of vLLM's `weights` as the copy lays it out): the
+    views a refresh copies between, made once per copy (a refresh of one slot copies ~420 small tensors
+    for SmolLM2-135M, and making their views again each time cost as much as the copies)."""
+    cached = getattr(weights, "_rayllm_pairs", None)
+    if cached is not None and cached[0] is copy:
+        return cached[1]
+    pairs = [(copy[slot], _rank_first(weights[slot].narrow(rank_dim - 1, 0, rank), rank_dim - 1))
+             for slot in range(weights.shape[0])]
+    weights._rayllm_pairs = (copy, pairs)
+    return pairs
 
 
 def _rank_first(weights: torch.Tensor, rank_dim: int) -> torch.Tensor:
@@ -351,15 +377,30 @@ def _refresh_after_activation(manager, slots) -> None:
     hot load came out 98 ms above a warm request with it against 71 ms done at once (medians of 5
     loads each, one sitting; SmolLM2-135M, rank 8 on every projection). In inference mode: copies made
     inside a step are inference tensors, which may only be updated in that mode."""
+    changed: dict = {}
     with _REFRESH_LOCK, torch.inference_mode():
-        for module in getattr(manager, "modules", {}).values():
-            if "Linear" not in type(module).__name__:
-                continue
-            for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):
-                stacked = getattr(module, name, None)
-                for weights in (stacked,) if isinstance(stacked, torch.Tensor) else (stacked or ()):
-                    if isinstance(weights, torch.Tensor):
-                        _refreshed(weights, rank_dim, slots)
+        for weights, rank_dim in _linear_stacks(manager):
+            _refreshed(weights, rank_dim, slots, changed)
+
+
+def _linear_stacks(manager) -> list:
+    """(stacked weights, rank dim) of every linear LoRA layer of the engine; listed once per set of
+    modules (the engine's layers do not change after start-up)."""
+    modules = getattr(manager, "modules", {})
+    cached = getattr(manager, "_rayllm_stacks", None)
+    if cached is not None and cached[0] == len(modules):
+        return cached[1]
+    stacks = []
+    for module in modules.values():
+        if "Linear" not in type(module).__name__:
+            continue
+        for name, rank_dim in (("lora_a_stacked", 2), ("lora_b_stacked", 3)):
+            stacked = getattr(module, name, None)
+            for weights in (stacked,) if isinstance(stacked, torch.Tensor) else (stacked or ()):
+                if isinstance(weights, torch.Tensor):
+                    stacks.append((weights, rank_dim))
+    manager._rayllm_stacks = (len(modules), stacks)
+    return stacks
 
 
 def _plan_for(wrapper, x: torch.Tensor) -> _Plan | None:

@@ -354,6 +354,15 @@ def test_activation_refreshes_the_fp32_copies_at_once_including_those_made_insid
         assert gens is new[0] and torch.equal(copy, rank_first.float())
     assert not hasattr(logits, "_rayllm_fp32")
 
+    for t in (a, fresh):  # another activation, into slot 2: the views kept from the first are reused
+        t[2] = torch.randn(1, 4, 16, generator=g)
+    b[2] = torch.randn(1, 10, 4, generator=g)
+    newer = ((1, 2, 2), (4, 4, 4), (False,) * 3)
+    fix._refresh_after_activation(manager, newer)
+    for weights, rank_first in ((a, a), (b, b.transpose(-1, -2)), (stepped, stepped), (fresh, fresh)):
+        gens, _, copy = weights._rayllm_fp32
+        assert gens is newer[0] and torch.equal(copy, rank_first.float())
+
 
 def test_logits_lora_skipped_when_no_adapter_of_the_batch_has_lm_head_weights():
     ids = (1, 2, 0)
