@@ -19,7 +19,6 @@ that start it are elsewhere:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import tempfile
@@ -95,7 +94,6 @@ class _LLMServer:
             spec = await self.catalog.resolve(ref)
             if spec is not None:
                 await adapters.load(spec)
-        freeze_startup_heap()
 
     async def generate(self, kind: Kind, request: Any, spec: AdapterSpec | None):
         if spec is not None:
@@ -126,23 +124,11 @@ class _LLMServerWithRoutes(_LLMServer):
     async def __init__(self, serve_cfg: ServeConfig, registry_root: str | None, registry_cache_dir: str | None = None):
         await _LLMServer.__init__(self, serve_cfg, registry_root, registry_cache_dir)
         self.front = _frontend(self.cfg, self.catalog, LocalBackend(self.core))
-        freeze_startup_heap()
 
     def __serve_build_asgi_app__(self):
         from rayllm.serve.openai_routes import build_app as build_routes
 
         return build_routes(self.front)
-
-
-def freeze_startup_heap() -> None:
-    """Put every object a replica made while starting out of the garbage collector's reach, as vLLM's
-    own API server does once started (`vllm.utils.gc_utils.freeze_gc_heap`). Why: an LLM replica holds
-    ~820k tracked objects after start-up (Ray, Serve, vLLM's client, the tokenizer, torch), and a full
-    collection scans them all: one took 407 ms inside a replica during the serving benchmark
-    (SmolLM2-135M, 2 cores), stalling every stream and load of that replica meanwhile. Frozen, they
-    are skipped; what requests allocate is still collected."""
-    gc.collect()
-    gc.freeze()
 
 
 def catalog_for(cfg: ServeConfig, registry_root: str | None) -> Any:
@@ -210,7 +196,6 @@ class OpenAIIngress:
         cfg = ServeConfig.model_validate(serve_cfg)
         catalog = catalog_for(cfg, registry_root)
         self.front = _frontend(cfg, catalog, HandleBackend(llm))
-        freeze_startup_heap()
 
     def __serve_build_asgi_app__(self):
         from rayllm.serve.openai_routes import build_app as build_routes
