@@ -235,20 +235,39 @@ class _Plan:
         `slot` is None), concatenated along the output. The slices share their input, so their shrink
         is one product over the slices' weights stacked along the rank (`_fused_shrink`); each expand
         reads its rank-wide part of the result."""
-        a = _fused_shrink(a_slices, slots)  # (slots, slices x rank, in)
-        if slot is None:
-            h = torch.bmm(x, a[self.lo: self.hi + 1].transpose(1, 2))
-        else:
-            h = x @ a[slot].T
+        grid = slot is None
+        a, bs = _product_weights(a_slices, b_slices, widths, slots, (self.lo, self.hi + 1) if grid else slot)
+        h = torch.bmm(x, a) if grid else x @ a
         if scale != 1.0:
             h = h * scale
+        if len(bs) == 1:
+            return torch.bmm(h, bs[0]) if grid else h @ bs[0]
         # every slice's copy is cut to the same rank (`lora_fp32_copies._refreshed`)
-        rank, outs = a.shape[1] // len(a_slices), []
-        for i, (b, width) in enumerate(zip(b_slices, widths)):
-            b = _fp32(b, 3, slots)[:, 0, :, :width]  # (slots, rank, out)
-            part = h[..., i * rank: (i + 1) * rank]
-            outs.append(torch.bmm(part, b[self.lo: self.hi + 1]) if slot is None else part @ b[slot])
-        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        parts = h.split(h.shape[-1] // len(bs), -1)
+        return torch.cat([torch.bmm(p, b) if grid else p @ b for p, b in zip(parts, bs)], -1)
+
+
+def _product_weights(a_slices, b_slices, widths, slots, pick):
+    """The weights `_Plan._slices` multiplies by for one layer, as the views its products take: the
+    slices' stacked shrink weights (in, slices x rank) and each slice's expand weights (rank, width), of
+    the grid's slot range (`pick` (lo, hi + 1): batched over the slots) or of one slot (`pick` an int).
+    Made once per slot state and pick and kept on the layer's first shrink tensor: a decode step makes
+    ~120 such calls, and making the dozen views each needs again cost ~10 % of the mixed step's LoRA
+    time (the copies are refreshed in place, so the views stay valid until the state changes)."""
+    first = a_slices[0]
+    cached = getattr(first, "_rayllm_views", None)
+    if cached is None or cached[0] is not slots[0]:
+        cached = first._rayllm_views = (slots[0], {})
+    views = cached[1].get(pick)
+    if views is None:
+        a = _fused_shrink(a_slices, slots)  # (slots, slices x rank, in)
+        bs = [_fp32(b, 3, slots)[:, 0, :, :width] for b, width in zip(b_slices, widths)]  # (slots, rank, out)
+        if isinstance(pick, tuple):
+            views = (a[pick[0]: pick[1]].transpose(1, 2), [b[pick[0]: pick[1]] for b in bs])
+        else:
+            views = (a[pick].T, [b[pick] for b in bs])
+        cached[1][pick] = views
+    return views
 
 
 def _grid_slots(counts: dict) -> list:

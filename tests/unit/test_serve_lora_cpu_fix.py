@@ -317,6 +317,42 @@ def test_the_slices_shrink_weights_are_stacked_and_follow_refreshes_and_rank_cha
     torch.testing.assert_close(bigger, torch.cat([t[:, 0].float() for t in a], 1))
 
 
+def test_the_products_views_are_made_once_per_slot_state_and_follow_a_rank_change():
+    """The views a layer's products read are kept while the slot state stays (grid and a prompt's own
+    slot side by side), and made again when it changes: a slot re-activated with a larger rank gives the
+    full-rank result at once."""
+    g = torch.Generator().manual_seed(8)
+    a = tuple(torch.zeros(4, 1, 4, 16) for _ in range(2))
+    b = tuple(torch.zeros(4, 1, n, 4) for n in (10, 6))
+    for t in (*a, *b):
+        t[...] = torch.randn(*t.shape, generator=g)
+    ids = (1, 3, 3, 2, 3, 0, 3, 3, 3)  # a grid of slots 0-1 and slot 2 with a product of its own
+    x, y = torch.randn(len(ids), 16, generator=g), torch.randn(len(ids), 16, generator=g)
+    idx = torch.tensor([i - 1 for i in ids])
+
+    def want():
+        out, offset = y.clone(), 0
+        for ai, bi, n in zip(a, b, (10, 6)):
+            out[:, offset: offset + n] += reference(reference(x, ai, idx), bi, idx)
+            offset += n
+        return out
+
+    cut = ((1, 1, 1), (2, 2, 2), (False,) * 3)
+    punica = _wrapper_with(ids, cut)  # rank 2 recorded: the products read the first 2 of the 4 ranks
+    punica.add_lora_linear(y.clone(), x, a, b, 1.0, (10, 6))
+    views = a[0]._rayllm_views
+    assert views[0] is cut[0] and set(views[1]) == {(0, 2), 2}
+    kept = dict(views[1])
+    punica.add_lora_linear(y.clone(), x, a, b, 1.0, (10, 6))
+    assert a[0]._rayllm_views is views and all(views[1][k] is v for k, v in kept.items())
+
+    full = ((1, 1, 2), (2, 2, 4), (False,) * 3)  # slot 2 re-activated with a rank-4 adapter
+    punica._rayllm_slots = full
+    punica.add_lora_linear(out := y.clone(), x, a, b, 1.0, (10, 6))
+    assert a[0]._rayllm_views[0] is full[0]
+    torch.testing.assert_close(out, want(), rtol=1e-5, atol=1e-5)
+
+
 def test_activation_refreshes_the_fp32_copies_at_once_including_those_made_inside_a_step():
     """When an adapter is activated into slot 1, every linear layer's copy is brought up to the new slot
     state at once, the ones not made yet made (what the adapter's first request would otherwise do
