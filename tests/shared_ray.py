@@ -1,5 +1,4 @@
-"""One private 2-CPU Ray for every in-process real-stack test that can share it (one per pytest process:
-`make test` runs the real-stack files in two).
+"""One private 2-CPU Ray for every in-process real-stack test that can share it.
 
 Starting Ray costs 5-10 s on 2 cores; one per test module added about a minute to the suite. The
 Ray starts on first use and lives until the session ends, or until a test that does not share it

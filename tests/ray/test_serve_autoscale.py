@@ -23,7 +23,7 @@ from tests.ray.serve_fixtures import PROMPTS, cached_world, serve_app
 pytestmark = pytest.mark.slow
 
 TOKENS = 200  # long requests, not streamed (no SSE for the client to parse), leaving CPU for the second replica to start:
-# 45 s under two clients streaming 96 tokens, 30 s under these, 18 s idle (2 cores); more while another test runs beside it
+# 45 s under two clients streaming 96 tokens, 30 s under these, 18 s idle (2 cores)
 CLIENTS = 2  # with target_ongoing_requests 1, two ongoing requests ask for two replicas
 
 
@@ -63,7 +63,7 @@ def _served_by(log_dir: Path, request_ids: set[str]) -> dict[str, str]:
     return served
 
 
-@pytest.mark.timeout(360, func_only=True)
+@pytest.mark.timeout(240, func_only=True)
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")  # Serve reads it still
 def test_load_starts_a_second_replica_that_serves_then_scales_back(_shared_ray):
     import ray
@@ -102,7 +102,7 @@ def test_load_starts_a_second_replica_that_serves_then_scales_back(_shared_ray):
         for t in threads:
             t.start()
         try:
-            up = _wait("a second running LLM replica", lambda: _llm_replicas().get("RUNNING", 0) == 2, 150)
+            up = _wait("a second running LLM replica", lambda: _llm_replicas().get("RUNNING", 0) == 2, 90)
             _wait("answers from the second replica", lambda: len(by_second()) >= 3, 30)
         finally:
             stop.set()

@@ -153,7 +153,7 @@ def kill_rollout_actor_after(run_dir, resumed_at: int, step: int, killed: list, 
             return
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(360)
 def test_grpo_raises_the_reward_with_fresh_adapters_resumes_and_replaces_a_killed_actor(ray_local, tmp_path):
     from rayllm.train.data import StreamOrder
 
@@ -267,7 +267,7 @@ def test_full_fine_tune_weights_reach_the_running_engine(ray_local, tmp_path, we
         assert replaced["group_versions"] == [1] and replaced["groups"][0][0]["ids"] == ids[4:]
 
 
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(300)
 def test_a_killed_training_worker_resumes_from_the_last_checkpoint_with_fresh_engines(ray_local, tmp_path):
     """Training rank 0 (which drives the rollouts and owns the rollout actor) is SIGKILLed while it
     scores iteration 4: Ray Train restarts the worker group from the step-2 checkpoint, a new engine

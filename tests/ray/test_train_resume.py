@@ -17,7 +17,7 @@ def trace(run_dir):
     return {m["step"]: (m["loss"], m["batch_crc"]) for m in read_metrics(run_dir) if "batch_crc" in m}
 
 
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(300)
 def test_stop_and_rerun_matches_a_straight_run(ray_local, tiny_dataset, tmp_path):
     common = dict(gradient_accumulation_steps=2, max_steps=12, save_every=6, eval_every=6, ingest="ray_data")
     straight = train(tiny_config(tiny_dataset, tmp_path, run_name="straight", **common))
@@ -58,7 +58,7 @@ def _kill_one_worker_after_first_checkpoint(run_dir, killed: list, stop: threadi
                 continue
 
 
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(300)
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tiny_dataset, tmp_path):
     run_dir, killed, stop = tmp_path / "killed", [], threading.Event()
     killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(run_dir, killed, stop), daemon=True)
