@@ -252,8 +252,9 @@ def _product_weights(a_slices, b_slices, widths, slots, pick):
     slices' stacked shrink weights (in, slices x rank) and each slice's expand weights (rank, width), of
     the grid's slot range (`pick` (lo, hi + 1): batched over the slots) or of one slot (`pick` an int).
     Made once per slot state and pick and kept on the layer's first shrink tensor: a decode step makes
-    ~120 such calls, and making the dozen views each needs again cost ~10 % of the mixed step's LoRA
-    time (the copies are refreshed in place, so the views stay valid until the state changes)."""
+    ~120 such calls, and making the dozen views each needs again took about a third of the step's LoRA
+    op time (8 adapters, fp32: 11.5 -> 8.2 ms a step; one adapter 6.7 -> 4.1 ms). The copies are
+    refreshed in place, so the views stay valid until the state changes."""
     first = a_slices[0]
     cached = getattr(first, "_rayllm_views", None)
     if cached is None or cached[0] is not slots[0]:
