@@ -322,10 +322,8 @@ def test_the_products_views_are_made_once_per_slot_state_and_follow_a_rank_chang
     slot side by side), and made again when it changes: a slot re-activated with a larger rank gives the
     full-rank result at once."""
     g = torch.Generator().manual_seed(8)
-    a = tuple(torch.zeros(4, 1, 4, 16) for _ in range(2))
-    b = tuple(torch.zeros(4, 1, n, 4) for n in (10, 6))
-    for t in (*a, *b):
-        t[...] = torch.randn(*t.shape, generator=g)
+    a = tuple(torch.randn(4, 1, 4, 16, generator=g) for _ in range(2))  # every rank non-zero (max_lora_rank 4)
+    b = tuple(torch.randn(4, 1, n, 4, generator=g) for n in (10, 6))
     ids = (1, 3, 3, 2, 3, 0, 3, 3, 3)  # a grid of slots 0-1 and slot 2 with a product of its own
     x, y = torch.randn(len(ids), 16, generator=g), torch.randn(len(ids), 16, generator=g)
     idx = torch.tensor([i - 1 for i in ids])
