@@ -107,9 +107,9 @@ class ServeConfig(Section):
     seed: int = Field(0, description="Engine seed (requests may also pass their own `seed`).")
     topology: Literal["auto", "split", "single"] = Field("auto", description="single: one LLM replica serves HTTP itself (the fast path: one hop less per request and per streamed chunk); split: an HTTP ingress deployment routes to LLM replicas by adapter (what several replicas, autoscaling and several ingress replicas need); auto: split when num_replicas > 1, autoscaling or ingress_replicas > 1 asks for it, else single.")
     num_replicas: int = Field(1, ge=1, description="Replicas of the LLM deployment (one vLLM engine each); topology single needs 1.")
-    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray).")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs each LLM replica reserves (vLLM's own threads are not counted by Ray); where several LLM replicas may run, also the most threads the engine takes by default (see cpu_threads).")
     cpu_executor: Literal["uni", "mp"] = Field("uni", description="CPU only: uni runs the model inside vLLM's engine-core process; mp is vLLM's default, a separate worker process beside an engine core that keeps one core busy polling it (2 cores, SmolLM2, 8 streams, topology single: 111 tok/s against 123 under uni).")
-    cpu_threads: int | None = Field(None, ge=1, description="CPU only: threads the engine computes with (OMP_NUM_THREADS of the engine); empty: in bf16 the cores the replica may run on less one (left to the serving layer), in fp32 all of them (measured, benchmarks/README.md).")
+    cpu_threads: int | None = Field(None, ge=1, description="CPU only: threads the engine computes with (OMP_NUM_THREADS of the engine); empty: in bf16 the cores the replica may run on less one (left to the serving layer), in fp32 all of them (measured, benchmarks/README.md); those cores are the machine's with one LLM replica, and at most replica_cpus (rounded down, at least 1) when several may run, so that replicas sharing a node do not each take every core.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs each LLM replica reserves (1 on a GPU cluster: Ray places the replica on a GPU node and vLLM runs on CUDA there).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale the LLM deployment between min and max replicas instead of a fixed num_replicas (topology split).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one LLM replica accepts at once before Serve queues or routes elsewhere.")
@@ -196,6 +196,11 @@ class ServeConfig(Section):
             return self.topology
         needs_routing = self.num_replicas > 1 or self.autoscaling is not None or self.ingress_replicas > 1
         return "split" if needs_routing else "single"
+
+    @property
+    def max_llm_replicas(self) -> int:
+        """The most LLM replicas this config may run at once (fixed, or autoscaling's maximum)."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
 
 
 def is_loopback(host: str) -> bool:

@@ -71,19 +71,22 @@ def cpu_engine_env(cfg: ServeConfig, dtype: str) -> dict[str, str]:
     env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
     if cfg.cpu_executor == "uni":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or default_cpu_threads(dtype))
+        budget = max(1, int(cfg.replica_cpus)) if cfg.max_llm_replicas > 1 else None
+        env["OMP_NUM_THREADS"] = str(cfg.cpu_threads or default_cpu_threads(dtype, budget))
     return env
 
 
-def default_cpu_threads(dtype: str) -> int:
+def default_cpu_threads(dtype: str, budget: int | None = None) -> int:
     """The engine's compute threads when serve.cpu_threads is empty, from the cores this process may
-    run on. Measured on 2 cores, SmolLM2-135M, 8 streams (benchmarks/README.md): in bf16 on an
+    run on, at most `budget` of them: where several LLM replicas may run, each replica's own Ray
+    CPUs (Ray places replicas by them but does not pin their threads; with every engine taking
+    every core, N replicas on a node would run N times the node's threads). Measured on 2 cores, SmolLM2-135M, 8 streams (benchmarks/README.md): in bf16 on an
     AMX CPU one thread, the other core left to the serving layer, matched plain vLLM (two threads:
     TTFT p50 150 -> 210 ms, the OpenMP threads competing with the serving layer); in fp32 on an
     AVX-512 CPU without BF16, where a decode step takes 4x longer, one thread gave 0.71x plain
     vLLM's tokens/s and two threads 1.14x and 1.18x in two runs (TTFT p50 -15 % and -9 %, p99
     about twice vLLM's)."""
-    cores = len(os.sched_getaffinity(0))
+    cores = min(len(os.sched_getaffinity(0)), budget or 1 << 30)
     return max(1, cores - 1) if dtype == "bfloat16" else cores
 
 

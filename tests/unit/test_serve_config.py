@@ -79,6 +79,22 @@ def test_cpu_engine_runs_in_the_engine_core_with_threads_by_dtype(tmp_path, monk
     assert "--distributed-executor-backend" not in engine_cli_args(mp, "float32", True, None)  # a GPU keeps vLLM's choice
 
 
+def test_several_llm_replicas_default_to_the_replicas_own_cpus(tmp_path, monkeypatch):
+    """Replicas that may share a node compute with their reservation's cores, not each with every core."""
+    from rayllm.serve.vllm_engine import cpu_engine_env
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    threads = lambda dtype, **kw: cpu_engine_env(ServeConfig(model=str(tmp_path), **kw), dtype)["OMP_NUM_THREADS"]
+    assert threads("float32", replica_cpus=4) == "16" and threads("bfloat16", replica_cpus=4) == "15"  # one replica: the node
+    assert threads("float32", num_replicas=4, replica_cpus=4) == "4" and threads("bfloat16", num_replicas=4, replica_cpus=4) == "3"
+    assert threads("float32", num_replicas=2, replica_cpus=2.5) == "2"  # whole cores of the reservation
+    assert threads("float32", num_replicas=2, replica_cpus=0.5) == "1" and threads("bfloat16", num_replicas=2) == "1"
+    assert threads("float32", replica_cpus=4, autoscaling={"min_replicas": 1, "max_replicas": 3}) == "4"
+    assert threads("float32", replica_cpus=4, autoscaling={"min_replicas": 1, "max_replicas": 1}, topology="split") == "16"
+    assert threads("float32", num_replicas=4, replica_cpus=64) == "16"  # never more than the cores it may run on
+    assert threads("float32", num_replicas=4, replica_cpus=4, cpu_threads=8) == "8"  # an explicit count wins
+
+
 def test_the_ingress_replica_binds_the_endpoint_port_on_a_ray_rayllm_starts(tmp_path, monkeypatch):
     from rayllm.config import RayllmConfig
     from rayllm.serve.deploy import binds_directly, local_ray_env, proxy_port
