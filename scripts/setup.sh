@@ -26,9 +26,16 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip_cmd="$VENV/bin/python -m pip"
 # pip warns once per package about every find-links/index location of the machine's pip config that
-# does not exist here; those lines say nothing about this install, so they are dropped (the rest of
-# pip's stderr, errors included, passes through).
-run_pip() { $pip_cmd "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# does not exist here, and setuptools prints an informational block ("Editable installation. Please
+# be careful with folders in your working directory...") for every editable install of a flat
+# layout; neither says anything about this install, so both are dropped. Any other line of pip's
+# stderr, errors included, passes through: inside the block only its own known lines are skipped.
+pip_noise='
+  /is ignored: it is neither a file nor a directory/ { next }
+  /BuildBackendWarning: Editable installation\./ { block = 1; next }
+  block && /^[ \t]*(!!|\*+|Please be careful with folders.*|name as your package.*|with strategy, WheelFile.*)?[ \t]*$/ { next }
+  { block = 0; print; fflush() }'
+run_pip() { $pip_cmd "$@" 2> >(awk "$pip_noise" >&2); }
 pip=run_pip
 $pip install --quiet --upgrade pip
 
