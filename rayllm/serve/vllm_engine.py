@@ -80,13 +80,15 @@ def default_cpu_threads(dtype: str, budget: int | None = None) -> int:
     """The engine's compute threads when serve.cpu_threads is empty, from the cores this process may
     run on, at most `budget` of them: where several LLM replicas may run, each replica's own Ray
     CPUs (Ray places replicas by them but does not pin their threads; with every engine taking
-    every core, N replicas on a node would run N times the node's threads). Measured on 2 cores, SmolLM2-135M, 8 streams (benchmarks/README.md): in bf16 on an
-    AMX CPU one thread, the other core left to the serving layer, matched plain vLLM (two threads:
-    TTFT p50 150 -> 210 ms, the OpenMP threads competing with the serving layer); in fp32 on an
+    every core, N replicas on a node would run N times the node's threads). Measured on 2 cores,
+    SmolLM2-135M, 8 streams (benchmarks/README.md): in bf16 on an AMX CPU one thread, the other
+    core left to the serving layer, matched plain vLLM (two threads: TTFT p50 150 -> 210 ms, the OpenMP threads competing with the serving layer); in fp32 on an
     AVX-512 CPU without BF16, where a decode step takes 4x longer, one thread gave 0.71x plain
     vLLM's tokens/s and two threads 1.14x and 1.18x in two runs (TTFT p50 -15 % and -9 %, p99
     about twice vLLM's)."""
-    cores = min(len(os.sched_getaffinity(0)), budget or 1 << 30)
+    cores = len(os.sched_getaffinity(0))
+    if budget is not None:
+        cores = min(cores, budget)
     return max(1, cores - 1) if dtype == "bfloat16" else cores
 
 
